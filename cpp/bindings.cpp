@@ -1,0 +1,478 @@
+// detrcore._C: the only pybind11 file. It converts arguments (DLPack -> View), checks them, releases the GIL
+// and dispatches to the CPU or CUDA kernel. No math here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "assignment.h"
+#include "box_ops.h"
+#include "parallel.h"
+#include "tensor.h"
+#ifdef DETRCORE_WITH_CUDA
+#include "runtime.h"
+#endif
+
+namespace py = pybind11;
+
+namespace detrcore {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// DLPack import. Fast path: the producer type's C exchange API (torch >= 2.13 publishes it), ~25x cheaper
+// than calling __dlpack__; cached per Python type. Fallback: the __dlpack__ protocol (numpy, older torch).
+const dl::ExchangeAPI* exchange_api_for(PyObject* obj) {
+  static PyTypeObject* cached_type = nullptr;
+  static const dl::ExchangeAPI* cached_api = nullptr;
+  PyTypeObject* tp = Py_TYPE(obj);
+  if (tp == cached_type) return cached_api;
+  const dl::ExchangeAPI* api = nullptr;
+  PyObject* cap = PyObject_GetAttrString(reinterpret_cast<PyObject*>(tp), "__dlpack_c_exchange_api__");
+  if (!cap) {
+    PyErr_Clear();
+    cap = PyObject_GetAttrString(reinterpret_cast<PyObject*>(tp), "__c_dlpack_exchange_api__");
+  }
+  if (!cap) PyErr_Clear();
+  if (cap && PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
+    auto* a = static_cast<const dl::ExchangeAPI*>(PyCapsule_GetPointer(cap, "dlpack_exchange_api"));
+    if (a && a->header.version.major == 1 && a->dltensor_from_py_object_no_sync) api = a;
+  }
+  Py_XDECREF(cap);  // the table is static inside the producer library
+  cached_type = tp;
+  cached_api = api;
+  return api;
+}
+
+// One tensor argument, borrowed for the duration of the call.
+struct Arg {
+  py::object keep;  // the DLPack capsule on the slow path
+  dl::Tensor raw{};
+  View v;
+
+  Arg(py::handle obj, const char* name) {
+    if (obj.is_none()) throw TypeError(std::string(name) + " must be a tensor, got None");
+    if (const dl::ExchangeAPI* api = exchange_api_for(obj.ptr())) {
+      if (api->dltensor_from_py_object_no_sync(obj.ptr(), &raw) != 0) {
+        py::error_already_set e;
+        throw TypeError(std::string(name) + ": " + e.what());
+      }
+      v = view_of(raw, name, false);
+      return;
+    }
+    if (!py::hasattr(obj, "__dlpack__"))
+      throw TypeError(std::string(name) + " must be a tensor or array supporting DLPack, got " +
+                      std::string(py::str(py::type::of(obj).attr("__name__"))));
+    try {
+      py::tuple dev = obj.attr("__dlpack_device__")();
+      // CPU producers (numpy) accept only stream=None; for CUDA, -1 = "no synchronisation": we launch on the
+      // caller's current stream ourselves.
+      py::object stream = dev[0].cast<int>() == dl::kCPU ? py::object(py::none()) : py::object(py::int_(-1));
+      try {
+        keep = obj.attr("__dlpack__")(py::arg("stream") = stream, py::arg("max_version") = py::make_tuple(1, 0));
+      } catch (py::error_already_set& e) {
+        if (!e.matches(PyExc_TypeError)) throw;  // a producer older than DLPack 1.0
+        keep = obj.attr("__dlpack__")(py::arg("stream") = stream);
+      }
+    } catch (py::error_already_set& e) {
+      throw TypeError(std::string(name) + ": cannot export through DLPack: " + e.what());
+    }
+    PyObject* cap = keep.ptr();
+    // Borrow only: the capsule keeps its name, so its destructor runs the producer's deleter.
+    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+      auto* m = static_cast<dl::ManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+      if (m->version.major != 1) throw TypeError(std::string(name) + ": unsupported DLPack major version");
+      v = view_of(m->dl_tensor, name, (m->flags & dl::kFlagReadOnly) != 0);
+    } else if (PyCapsule_IsValid(cap, "dltensor")) {
+      v = view_of(static_cast<dl::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"))->dl_tensor, name, false);
+    } else {
+      throw TypeError(std::string(name) + ": __dlpack__ did not return a DLPack capsule");
+    }
+  }
+};
+
+int threads_arg(int num_threads) { return num_threads < 1 ? 1 : num_threads; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Device dispatch. CUDA kernels run on the tensor's device, on the stream the caller passes (the producer's
+// current stream), and report errors as return codes that become RuntimeError here.
+#ifdef DETRCORE_WITH_CUDA
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    if (cuda::get_device(&prev) != 0) prev = -1;
+    if (prev != device) {
+      int err = cuda::set_device(device);
+      if (err) throw std::runtime_error(std::string("detrcore: cannot select CUDA device ") + std::to_string(device) +
+                                        ": " + cuda::error_string(err));
+    } else {
+      prev = -1;
+    }
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cuda::set_device(prev);
+  }
+};
+#endif
+
+template <typename CpuFn, typename CudaFn>
+void dispatch(const char* op, const View& ref, CpuFn&& cpu, CudaFn&& gpu) {
+  if (ref.device == DeviceKind::cpu) {
+    py::gil_scoped_release nogil;
+    if (ref.dtype == DType::f32)
+      cpu(float{});
+    else
+      cpu(double{});
+    return;
+  }
+#ifdef DETRCORE_WITH_CUDA
+  DeviceGuard guard(ref.device_id);
+  int err = gpu();
+  if (err) throw std::runtime_error(std::string("detrcore.") + op + ": CUDA error: " + cuda::error_string(err));
+#else
+  (void)gpu;
+  throw ValueError(std::string("detrcore.") + op + ": " + ref.name +
+                   " is a CUDA tensor but detrcore was built without CUDA kernels (see detrcore.ops.build_info())");
+#endif
+}
+
+// Checks shared by every box entry point: device known, dtype allowed on that device, contiguity; the
+// others must match the first in device and dtype; outputs must be writable.
+void check_group(std::initializer_list<const View*> inputs, std::initializer_list<const View*> outputs) {
+  const View& ref = **inputs.begin();
+  check_device_supported(ref);
+  check_float(ref, ref.device == DeviceKind::cuda);
+  for (const View* v : inputs) {
+    check_same_device(ref, *v);
+    check_same_dtype(ref, *v);
+    check_contiguous(*v);
+  }
+  for (const View* v : outputs) {
+    check_same_device(ref, *v);
+    check_same_dtype(ref, *v);
+    check_contiguous(*v);
+    check_writable(*v);
+  }
+}
+void check_same_shape(const View& ref, const View& v) {
+  bool same = ref.ndim == v.ndim;
+  for (int i = 0; same && i < ref.ndim; ++i) same = ref.size(i) == v.size(i);
+  if (!same) throw ValueError(arg(v) + " must have the shape of " + arg(ref) + " " + ref.shape_str() + ", got " +
+                              v.shape_str());
+}
+void check_boxes(const View& v) {
+  if (v.ndim < 1 || v.size(-1) != 4)
+    throw ValueError(arg(v) + " must hold boxes in its last dimension (size 4), got shape " + v.shape_str());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Box ops. Shapes are normalised by the Python layer: boxes [n, 4] or [B, N, 4], pairwise outputs [B, N, M].
+void box_map(py::handle in_, py::handle out_, int kind, int num_threads, uintptr_t stream) {
+  Arg in(in_, "boxes"), out(out_, "out");
+  check_group({&in.v}, {&out.v});
+  check_boxes(in.v);
+  check_same_shape(in.v, out.v);
+  if (kind < 0 || kind > 3) throw ValueError("box_map: unknown kind " + std::to_string(kind));
+  const int64_t n = in.v.numel() / 4;
+  dispatch(
+      "box_map", in.v,
+      [&](auto t) {
+        using T = decltype(t);
+        box_map_cpu<T>(in.v.ptr<T>(), out.v.ptr<T>(), n, kind, threads_arg(num_threads));
+      },
+      [&] { return box_map_cuda(in.v.dtype, in.v.data, out.v.data, n, kind, reinterpret_cast<void*>(stream)); });
+}
+
+void check_pairwise(const View& a, const View& b) {
+  check_ndim(a, 3, "boxes [B, N, 4]");
+  check_ndim(b, 3, "boxes [B, M, 4]");
+  check_boxes(a);
+  check_boxes(b);
+  if (a.size(0) != b.size(0))
+    throw ValueError(arg(b) + ": batch size " + std::to_string(b.size(0)) + " does not match " + arg(a) + "'s " +
+                     std::to_string(a.size(0)));
+}
+
+void box_pairwise(py::handle a_, py::handle b_, py::handle out_, bool giou, int num_threads, uintptr_t stream) {
+  Arg a(a_, "boxes1"), b(b_, "boxes2"), out(out_, "out");
+  check_group({&a.v, &b.v}, {&out.v});
+  check_pairwise(a.v, b.v);
+  const int64_t B = a.v.size(0), N = a.v.size(1), M = b.v.size(1);
+  check_ndim(out.v, 3, "[B, N, M]");
+  check_size(out.v, 0, B, "B");
+  check_size(out.v, 1, N, "N");
+  check_size(out.v, 2, M, "M");
+  dispatch(
+      giou ? "generalized_box_iou" : "box_iou", a.v,
+      [&](auto t) {
+        using T = decltype(t);
+        box_pairwise_cpu<T>(a.v.ptr<T>(), b.v.ptr<T>(), out.v.ptr<T>(), B, N, M, giou, threads_arg(num_threads));
+      },
+      [&] {
+        return box_pairwise_cuda(a.v.dtype, a.v.data, b.v.data, out.v.data, B, N, M, giou,
+                                 reinterpret_cast<void*>(stream));
+      });
+}
+
+void box_pairwise_backward(py::handle grad_, py::handle a_, py::handle b_, py::handle ga_, py::handle gb_, bool giou,
+                           int num_threads, uintptr_t stream) {
+  Arg grad(grad_, "grad"), a(a_, "boxes1"), b(b_, "boxes2"), ga(ga_, "grad_boxes1"), gb(gb_, "grad_boxes2");
+  check_group({&grad.v, &a.v, &b.v}, {&ga.v, &gb.v});
+  check_pairwise(a.v, b.v);
+  const int64_t B = a.v.size(0), N = a.v.size(1), M = b.v.size(1);
+  check_ndim(grad.v, 3, "[B, N, M]");
+  check_size(grad.v, 0, B, "B");
+  check_size(grad.v, 1, N, "N");
+  check_size(grad.v, 2, M, "M");
+  check_same_shape(a.v, ga.v);
+  check_same_shape(b.v, gb.v);
+  dispatch(
+      "box_pairwise_backward", a.v,
+      [&](auto t) {
+        using T = decltype(t);
+        box_pairwise_bwd_cpu<T>(grad.v.ptr<T>(), a.v.ptr<T>(), b.v.ptr<T>(), ga.v.ptr<T>(), gb.v.ptr<T>(), B, N, M,
+                                giou, threads_arg(num_threads));
+      },
+      [&] {
+        return box_pairwise_bwd_cuda(a.v.dtype, grad.v.data, a.v.data, b.v.data, ga.v.data, gb.v.data, B, N, M, giou,
+                                     reinterpret_cast<void*>(stream));
+      });
+}
+
+void check_paired(const View& a, const View& b) {
+  check_ndim(a, 2, "boxes [N, 4]");
+  check_boxes(a);
+  check_same_shape(a, b);
+}
+
+void giou_loss(py::handle a_, py::handle b_, py::handle out_, int num_threads, uintptr_t stream) {
+  Arg a(a_, "boxes1"), b(b_, "boxes2"), out(out_, "out");
+  check_group({&a.v, &b.v}, {&out.v});
+  check_paired(a.v, b.v);
+  const int64_t n = a.v.size(0);
+  check_ndim(out.v, 1, "[N]");
+  check_size(out.v, 0, n, "N");
+  dispatch(
+      "generalized_box_iou_loss", a.v,
+      [&](auto t) {
+        using T = decltype(t);
+        giou_loss_cpu<T>(a.v.ptr<T>(), b.v.ptr<T>(), out.v.ptr<T>(), n, threads_arg(num_threads));
+      },
+      [&] { return giou_loss_cuda(a.v.dtype, a.v.data, b.v.data, out.v.data, n, reinterpret_cast<void*>(stream)); });
+}
+
+void giou_loss_backward(py::handle grad_, py::handle a_, py::handle b_, py::handle ga_, py::handle gb_,
+                        int num_threads, uintptr_t stream) {
+  Arg grad(grad_, "grad"), a(a_, "boxes1"), b(b_, "boxes2"), ga(ga_, "grad_boxes1"), gb(gb_, "grad_boxes2");
+  check_group({&grad.v, &a.v, &b.v}, {&ga.v, &gb.v});
+  check_paired(a.v, b.v);
+  const int64_t n = a.v.size(0);
+  check_ndim(grad.v, 1, "[N]");
+  check_size(grad.v, 0, n, "N");
+  check_same_shape(a.v, ga.v);
+  check_same_shape(a.v, gb.v);
+  dispatch(
+      "generalized_box_iou_loss_backward", a.v,
+      [&](auto t) {
+        using T = decltype(t);
+        giou_loss_bwd_cpu<T>(grad.v.ptr<T>(), a.v.ptr<T>(), b.v.ptr<T>(), ga.v.ptr<T>(), gb.v.ptr<T>(), n,
+                             threads_arg(num_threads));
+      },
+      [&] {
+        return giou_loss_bwd_cuda(a.v.dtype, grad.v.data, a.v.data, b.v.data, ga.v.data, gb.v.data, n,
+                                  reinterpret_cast<void*>(stream));
+      });
+}
+
+void check_eps(double eps) {
+  if (!(eps > 0.0 && eps < 0.5)) throw ValueError("eps must be in (0, 0.5), got " + std::to_string(eps));
+}
+
+void inverse_sigmoid(py::handle x_, py::handle out_, double eps, int num_threads, uintptr_t stream) {
+  Arg x(x_, "x"), out(out_, "out");
+  check_group({&x.v}, {&out.v});
+  check_same_shape(x.v, out.v);
+  check_eps(eps);
+  const int64_t n = x.v.numel();
+  dispatch(
+      "inverse_sigmoid", x.v,
+      [&](auto t) {
+        using T = decltype(t);
+        inverse_sigmoid_cpu<T>(x.v.ptr<T>(), out.v.ptr<T>(), n, eps, threads_arg(num_threads));
+      },
+      [&] { return inverse_sigmoid_cuda(x.v.dtype, x.v.data, out.v.data, n, eps, reinterpret_cast<void*>(stream)); });
+}
+
+void inverse_sigmoid_backward(py::handle grad_, py::handle x_, py::handle gx_, double eps, int num_threads,
+                              uintptr_t stream) {
+  Arg grad(grad_, "grad"), x(x_, "x"), gx(gx_, "grad_x");
+  check_group({&grad.v, &x.v}, {&gx.v});
+  check_same_shape(x.v, grad.v);
+  check_same_shape(x.v, gx.v);
+  check_eps(eps);
+  const int64_t n = x.v.numel();
+  dispatch(
+      "inverse_sigmoid_backward", x.v,
+      [&](auto t) {
+        using T = decltype(t);
+        inverse_sigmoid_bwd_cpu<T>(grad.v.ptr<T>(), x.v.ptr<T>(), gx.v.ptr<T>(), n, eps, threads_arg(num_threads));
+      },
+      [&] {
+        return inverse_sigmoid_bwd_cuda(x.v.dtype, grad.v.data, x.v.data, gx.v.data, n, eps,
+                                        reinterpret_cast<void*>(stream));
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Linear sum assignment (CPU). Any strides; float32 or float64 read in place.
+struct LsaInput {
+  Arg cost;
+  int64_t k;
+  py::array_t<int64_t> rows, cols;
+  int64_t *rows_ptr, *cols_ptr;  // taken while the GIL is held
+  LsaInput(py::handle obj, const char* name) : cost(obj, name) {
+    const View& v = cost.v;
+    if (v.device != DeviceKind::cpu) throw ValueError(arg(v) + " must be a CPU array or tensor");
+    if (v.ndim != 2)
+      throw ValueError(arg(v) + ": expected a matrix (2-D array), got a " + std::to_string(v.ndim) + "-D array");
+    if (v.dtype != DType::f32 && v.dtype != DType::f64)
+      throw TypeError(arg(v) + " must be float32 or float64, got " + dtype_name(v.dtype));
+    k = std::min(v.size(0), v.size(1));
+    rows = py::array_t<int64_t>(k);
+    cols = py::array_t<int64_t>(k);
+    rows_ptr = rows.mutable_data();
+    cols_ptr = cols.mutable_data();
+  }
+  LsaStatus solve(bool maximize) {
+    const View& v = cost.v;
+    const int64_t nr = v.size(0), nc = v.size(1), sr = v.stride(0), sc = v.stride(1);
+    if (v.dtype == DType::f32) return solve_lsa<float>(v.ptr<float>(), nr, nc, sr, sc, maximize, rows_ptr, cols_ptr);
+    return solve_lsa<double>(v.ptr<double>(), nr, nc, sr, sc, maximize, rows_ptr, cols_ptr);
+  }
+};
+
+void raise_lsa(LsaStatus s, const std::string& prefix) {
+  if (s == LsaStatus::invalid) throw ValueError(prefix + "matrix contains invalid numeric entries");
+  if (s == LsaStatus::infeasible) throw ValueError(prefix + "cost matrix is infeasible");
+}
+
+py::tuple linear_sum_assignment(py::handle cost, bool maximize) {
+  LsaInput in(cost, "cost_matrix");
+  LsaStatus s;
+  {
+    py::gil_scoped_release nogil;
+    s = in.solve(maximize);
+  }
+  raise_lsa(s, "");
+  return py::make_tuple(in.rows, in.cols);
+}
+
+py::list batched_linear_sum_assignment(const py::sequence& costs, bool maximize, int num_threads) {
+  const size_t n = py::len(costs);
+  std::vector<std::string> names(n);
+  std::vector<std::unique_ptr<LsaInput>> inputs;
+  inputs.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    names[i] = "costs[" + std::to_string(i) + "]";
+    inputs.emplace_back(new LsaInput(costs[i], names[i].c_str()));
+  }
+  std::vector<LsaStatus> status(n, LsaStatus::ok);
+  {
+    py::gil_scoped_release nogil;
+    parallel_for_each(static_cast<int64_t>(n), threads_arg(num_threads),
+                      [&](int64_t i) { status[i] = inputs[i]->solve(maximize); });
+  }
+  py::list out;
+  for (size_t i = 0; i < n; ++i) {
+    raise_lsa(status[i], names[i] + ": ");
+    out.append(py::make_tuple(inputs[i]->rows, inputs[i]->cols));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+py::dict build_info() {
+  py::dict d;
+  d["version"] = DETRCORE_VERSION;
+#ifdef DETRCORE_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(DETRCORE_CUDA_ARCHS);
+  d["cuda_version"] = std::string(DETRCORE_CUDA_VERSION);
+  d["cuda_runtime_version"] = cuda::runtime_version();
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+  d["cuda_version"] = py::none();
+  d["cuda_runtime_version"] = py::none();
+#endif
+  d["compiler"] = DETRCORE_COMPILER;
+  return d;
+}
+
+int cuda_device_count() {
+#ifdef DETRCORE_WITH_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+// For tests: what the native side sees of an argument (zero-copy and stride checks).
+py::dict inspect(py::handle obj) {
+  Arg a(obj, "obj");
+  py::dict d;
+  d["data_ptr"] = reinterpret_cast<uintptr_t>(a.v.data);
+  d["device"] = a.v.device == DeviceKind::cpu ? "cpu" : (a.v.device == DeviceKind::cuda ? "cuda" : "other");
+  d["dtype"] = dtype_name(a.v.dtype);
+  d["contiguous"] = a.v.is_contiguous();
+  d["readonly"] = a.v.readonly;
+  py::list shape, strides;
+  for (int i = 0; i < a.v.ndim; ++i) {
+    shape.append(a.v.size(i));
+    strides.append(a.v.stride(i));
+  }
+  d["shape"] = shape;
+  d["strides"] = strides;
+  d["path"] = a.keep ? "dlpack_capsule" : "exchange_api";
+  return d;
+}
+
+}  // namespace
+}  // namespace detrcore
+
+PYBIND11_MODULE(_C, m) {
+  using namespace detrcore;
+  m.doc() = "detrcore native core: box ops, linear assignment (torch-free; tensors arrive through DLPack)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const detrcore::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const detrcore::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  const auto s = py::arg("stream") = 0;
+  const auto nt = py::arg("num_threads") = 1;
+  m.def("box_map", &box_map, py::arg("boxes"), py::arg("out"), py::arg("kind"), nt, s,
+        "Linear box conversion (kind: 0 cxcywh->xyxy, 1 xyxy->cxcywh, 2 and 3 their input gradients).");
+  m.def("box_pairwise", &box_pairwise, py::arg("boxes1"), py::arg("boxes2"), py::arg("out"), py::arg("giou"), nt, s,
+        "Pairwise IoU or GIoU: boxes1 [B,N,4], boxes2 [B,M,4] -> out [B,N,M].");
+  m.def("box_pairwise_backward", &box_pairwise_backward, py::arg("grad"), py::arg("boxes1"), py::arg("boxes2"),
+        py::arg("grad_boxes1"), py::arg("grad_boxes2"), py::arg("giou"), nt, s);
+  m.def("giou_loss", &giou_loss, py::arg("boxes1"), py::arg("boxes2"), py::arg("out"), nt, s,
+        "Paired 1 - GIoU: boxes1 [N,4], boxes2 [N,4] -> out [N].");
+  m.def("giou_loss_backward", &giou_loss_backward, py::arg("grad"), py::arg("boxes1"), py::arg("boxes2"),
+        py::arg("grad_boxes1"), py::arg("grad_boxes2"), nt, s);
+  m.def("inverse_sigmoid", &inverse_sigmoid, py::arg("x"), py::arg("out"), py::arg("eps"), nt, s);
+  m.def("inverse_sigmoid_backward", &inverse_sigmoid_backward, py::arg("grad"), py::arg("x"), py::arg("grad_x"),
+        py::arg("eps"), nt, s);
+  m.def("linear_sum_assignment", &linear_sum_assignment, py::arg("cost_matrix"), py::arg("maximize") = false,
+        "Solve one assignment problem; returns (rows, cols) as int64 numpy arrays.");
+  m.def("batched_linear_sum_assignment", &batched_linear_sum_assignment, py::arg("costs"),
+        py::arg("maximize") = false, nt, "Solve many assignment problems in parallel threads, GIL released.");
+  m.def("build_info", &build_info);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("inspect", &inspect);
+}

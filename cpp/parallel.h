@@ -1,0 +1,25 @@
+// parallel_for over an index range on a persistent pool of std::threads.
+//
+// The caller passes the thread count (the Python layer passes torch.get_num_threads()), so the core follows
+// torch's setting without linking a second OpenMP runtime. The pool survives fork(): a child process starts
+// with a fresh pool (DataLoader workers fork after the parent has used it). A parallel_for issued from inside
+// a worker runs serially on that worker. An exception thrown by any chunk is rethrown on the caller.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace detrcore {
+
+// Calls fn(begin, end) over disjoint chunks covering [0, n), with chunks of at least `grain` indices, on up
+// to `num_threads` threads (the caller included). Chunk boundaries depend only on n, grain and num_threads.
+void parallel_for(int64_t n, int64_t grain, int num_threads, const std::function<void(int64_t, int64_t)>& fn);
+
+// Calls fn(i) for every i in [0, n) on up to `num_threads` threads, handing out one index at a time (for
+// items of very different cost, such as the matrices of a batched assignment).
+void parallel_for_each(int64_t n, int num_threads, const std::function<void(int64_t)>& fn);
+
+// The number of chunks parallel_for(n, grain, num_threads, ...) will use, and chunk c's [begin, end).
+int64_t parallel_chunks(int64_t n, int64_t grain, int num_threads);
+inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
+
+}  // namespace detrcore

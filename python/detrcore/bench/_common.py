@@ -1,0 +1,93 @@
+"""Timing, tables and JSON records shared by the benchmarks."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+
+def time_call(fn: Callable[[], object], repeats: int = 7, min_time: float = 0.05, sync: bool = False) -> float:
+    """Median seconds per call of fn over `repeats` timed batches, each at least `min_time` long."""
+    fn()  # warm-up (and lazy initialisation)
+    if sync:
+        torch.cuda.synchronize()
+    number, t = 1, 0.0
+    while True:  # calibrate the batch size
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        if t >= min_time or number >= 1 << 20:
+            break
+        number *= 2 if t == 0 else max(2, min(10, int(min_time / t) + 1))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if sync:
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / number)
+    return statistics.median(samples)
+
+
+def machine() -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import detrcore.ops as ops
+
+        info["detrcore"] = ops.build_info()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(headers: list[str], rows: Iterable[list]) -> str:
+    rows = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    text = "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    print(text, flush=True)
+    return text
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        return f"{c:.2f}" if abs(c) < 100 else f"{c:.0f}"
+    return str(c)
+
+
+def write_json(record: dict, path: str | os.PathLike) -> Path:
+    """Writes the record atomically (temp file + rename) and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

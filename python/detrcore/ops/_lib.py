@@ -1,0 +1,45 @@
+"""Loads the native module and answers what was built; shared helpers of the op wrappers."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+try:
+    from detrcore import _C
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "detrcore's native module detrcore._C failed to load. Install the package with `pip install .` "
+        f"from the source tree (a plain copy of python/ has no compiled core). Cause: {e}"
+    ) from e
+
+
+def build_info() -> dict[str, Any]:
+    """What the native core was built with.
+
+    Returns a dict with `version`, `cuda` (True when CUDA kernels are compiled in), `cuda_archs` (e.g.
+    "80-real,90-real,90-virtual"), `cuda_version` (of the compiler, None without CUDA),
+    `cuda_runtime_version` (of the statically linked runtime) and `compiler`.
+    """
+    return dict(_C.build_info())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_devices() -> int:
+    return int(_C.cuda_device_count())
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels are built in and torch sees a CUDA device."""
+    return bool(_C.build_info()["cuda"]) and torch.cuda.is_available() and _cuda_devices() > 0
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The raw cudaStream_t of the current stream on t's device (0 on the CPU)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def num_threads() -> int:
+    """The CPU thread count native kernels use: torch's own setting."""
+    return torch.get_num_threads()

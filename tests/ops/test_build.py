@@ -1,0 +1,56 @@
+"""Packaging contract: build_info, cuda_available, and what `import detrcore.ops` pulls in."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from detrcore import ops
+from detrcore import _C
+
+
+def test_build_info_fields():
+    info = ops.build_info()
+    for key in ("version", "cuda", "cuda_archs", "cuda_version"):
+        assert key in info
+    assert isinstance(info["cuda"], bool)
+    import detrcore
+
+    assert info["version"] == detrcore.__version__
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_version"]
+    else:
+        assert info["cuda_version"] is None
+
+
+def test_cuda_available_is_consistent():
+    avail = ops.cuda_available()
+    assert isinstance(avail, bool)
+    assert avail == (ops.build_info()["cuda"] and torch.cuda.is_available() and _C.cuda_device_count() > 0)
+
+
+def test_import_ops_pulls_only_torch_and_numpy():
+    code = (
+        "import sys, json; import detrcore.ops; "
+        "print(json.dumps(sorted(m for m in ('scipy', 'click', 'matplotlib', 'pycocotools', 'PIL') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == []
+
+
+def test_native_module_imports_without_gpu_driver_dependency():
+    # The module is loaded already; on a machine without a driver cuda_device_count() must answer 0, not fail.
+    assert _C.cuda_device_count() >= 0
+
+
+def test_dlpack_is_zero_copy_and_sees_strides():
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 1::2]
+    seen = _C.inspect(x)
+    assert seen["data_ptr"] == x.data_ptr()
+    assert seen["shape"] == [4, 3] and seen["strides"] == [6, 2]
+    assert seen["contiguous"] is False and seen["dtype"] == "float32" and seen["device"] == "cpu"
+    import numpy as np
+
+    a = np.arange(12.0).reshape(3, 4).T
+    seen = _C.inspect(a)
+    assert seen["data_ptr"] == a.ctypes.data and seen["strides"] == [1, 4] and seen["path"] == "dlpack_capsule"
