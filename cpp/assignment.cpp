@@ -205,17 +205,15 @@ LsaStatus solve_oriented(const T* base, int64_t n, int64_t m, int64_t si, int64_
                 const int64_t j = todo[k];
                 // +inf cost -> +inf reduced cost: never improves dist, never chosen.
                 const double r = offset + static_cast<double>(load<T, Max>(rp + j * sj)) - v[j];
-                double d = dist[j];
-                if (r < d) {
-                    path[j] = i;
-                    dist[j] = r;
-                    d = r;
-                }
+                const double d0 = dist[j];
+                const bool shorter = r < d0;
+                const double d = shorter ? r : d0;
+                dist[j] = d;
+                path[j] = shorter ? i : path[j];
                 // Ties prefer a free column: the search then ends at once.
-                if (d < lowest || (d == lowest && row4col[j] < 0)) {
-                    lowest = d;
-                    lowest_k = k;
-                }
+                const bool better = d < lowest || (d == lowest && row4col[j] < 0);
+                lowest = better ? d : lowest;
+                lowest_k = better ? k : lowest_k;
             }
             if (!(lowest < kInf)) return LsaStatus::infeasible;  // no finite path to a free column
             min_val = lowest;

@@ -23,6 +23,8 @@ _NATIVE_NP = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _as_native(cost, name: str):
     """Returns (an object the native solver reads in place, the torch device to return results on or None)."""
+    if type(cost) is np.ndarray and cost.dtype in _NATIVE_NP and cost.flags.c_contiguous:
+        return cost, None  # the common case, without further checks
     if isinstance(cost, torch.Tensor):
         t = cost.detach()
         device = t.device

@@ -226,6 +226,10 @@ def _compute_dtype(*ts: Tensor) -> tuple[torch.dtype, torch.dtype]:
     return dtype, dtype
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _same_device(a: Tensor, b: Tensor, an: str, bn: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{an} and {bn} must be on the same device, got {a.device} and {b.device}")
@@ -235,14 +239,14 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """(cx, cy, w, h) -> (x0, y0, x1, y1) for boxes `[..., 4]`; negative sizes pass through unchanged."""
     _check_boxes(boxes, "boxes")
     dtype, run = _compute_dtype(boxes)
-    return _box_map(boxes.to(run), _CXCYWH_TO_XYXY).to(dtype)
+    return _cast(_box_map(_cast(boxes, run), _CXCYWH_TO_XYXY), dtype)
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """(x0, y0, x1, y1) -> (cx, cy, w, h) for boxes `[..., 4]`; inverted boxes give negative sizes."""
     _check_boxes(boxes, "boxes")
     dtype, run = _compute_dtype(boxes)
-    return _box_map(boxes.to(run), _XYXY_TO_CXCYWH).to(dtype)
+    return _cast(_box_map(_cast(boxes, run), _XYXY_TO_CXCYWH), dtype)
 
 
 def _pairwise(boxes1: Tensor, boxes2: Tensor, giou: bool) -> Tensor:
@@ -256,10 +260,12 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, giou: bool) -> Tensor:
         )
     dtype, run = _compute_dtype(boxes1, boxes2)
     lead, n, m = boxes1.shape[:-2], boxes1.shape[-2], boxes2.shape[-2]
+    if not lead:  # the common case: one image
+        return _cast(_box_pairwise(_cast(boxes1, run)[None], _cast(boxes2, run)[None], giou)[0], dtype)  # [N, M]
     batch = math.prod(lead)
-    a = boxes1.to(run).reshape(batch, n, 4)  # [B, N, 4]
-    b = boxes2.to(run).reshape(batch, m, 4)  # [B, M, 4]
-    return _box_pairwise(a, b, giou).reshape(*lead, n, m).to(dtype)  # [..., N, M]
+    a = _cast(boxes1, run).reshape(batch, n, 4)  # [B, N, 4]
+    b = _cast(boxes2, run).reshape(batch, m, 4)  # [B, M, 4]
+    return _cast(_box_pairwise(a, b, giou).reshape(*lead, n, m), dtype)  # [..., N, M]
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -288,7 +294,8 @@ def generalized_box_iou_loss(boxes1: Tensor, boxes2: Tensor, reduction: str = "n
         )
     dtype, run = _compute_dtype(boxes1, boxes2)
     lead = boxes1.shape[:-1]
-    loss = _giou_loss(boxes1.to(run).reshape(-1, 4), boxes2.to(run).reshape(-1, 4)).reshape(lead).to(dtype)
+    a, b = _cast(boxes1, run).reshape(-1, 4), _cast(boxes2, run).reshape(-1, 4)  # [N, 4]
+    loss = _cast(_giou_loss(a, b).reshape(lead), dtype)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -303,4 +310,4 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
     dtype, run = _compute_dtype(x)
-    return _inverse_sigmoid(x.to(run), eps).to(dtype)
+    return _cast(_inverse_sigmoid(_cast(x, run), eps), dtype)

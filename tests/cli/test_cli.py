@@ -1,0 +1,59 @@
+"""The `detrcore` command line: info and bench on tiny sizes (the real sizes run in benchmarks/)."""
+import functools
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from detrcore.bench import _common, assignment, box_ops
+from detrcore.cli import main
+
+
+@pytest.fixture
+def tiny_benchmarks(monkeypatch):
+    fast = functools.partial(_common.time_call, min_time=0.001)
+    for mod in (box_ops, assignment):
+        monkeypatch.setattr(mod, "time_call", fast)
+    monkeypatch.setattr(box_ops, "SHAPES", [(1, 9, 4), (2, 9, 4)])
+    monkeypatch.setattr(box_ops, "LOSS_SIZES", [5])
+    monkeypatch.setattr(assignment, "QUERIES", [12])
+    monkeypatch.setattr(assignment, "TARGETS", [1, 4])
+    monkeypatch.setattr(assignment, "BATCH", (3, 12, 4))
+
+
+def test_info_reports_the_build():
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert set(record["build"]) >= {"version", "cuda", "cuda_archs", "cuda_version"}
+    assert isinstance(record["cuda_available"], bool)
+
+
+def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
+    result = CliRunner().invoke(main, ["bench", "all", "--out", str(tmp_path), "--repeats", "3"])
+    assert result.exit_code == 0, result.output
+    boxes = json.loads((tmp_path / "box_ops_cpu.json").read_text())
+    assert boxes["benchmark"] == "box_ops" and boxes["machine"]["torch"]
+    ops_seen = {r["op"] for r in boxes["results"]}
+    assert {"generalized_box_iou fwd+bwd", "giou_loss (paired) fwd+bwd", "inverse_sigmoid fwd+bwd"} <= ops_seen
+    assert all(r["ours_us"] > 0 and r["baseline_us"] > 0 for r in boxes["results"])
+    lsa = json.loads((tmp_path / "assignment_cpu.json").read_text())
+    assert [(r["queries"], r["targets"]) for r in lsa["per_matrix"]] == [(12, 1), (12, 4)]
+    assert lsa["batch"]["batch"] == 3 and lsa["batch"]["ours_batched_us"] > 0
+    assert "generalized_box_iou" in result.output and "wrote" in result.output
+
+
+def test_bench_rejects_a_missing_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = CliRunner().invoke(main, ["bench", "boxes", "--device", "cuda"])
+    assert result.exit_code != 0 and "no CUDA device" in result.output
+
+
+def test_detr_like_costs_are_valid_matcher_costs():
+    import numpy as np
+
+    c = assignment.detr_costs(np.random.default_rng(0), 30, 5)
+    assert c.shape == (30, 5) and c.dtype == np.float32 and np.isfinite(c).all()
