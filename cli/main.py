@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-BENCHMARKS = ("boxes", "assignment")
+BENCHMARKS = ("boxes", "assignment", "msda")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,12 +36,12 @@ def info() -> None:
               show_default=True, help="Directory for the JSON records.")
 @click.option("--repeats", type=click.IntRange(3, 101), default=7, show_default=True,
               help="Timed batches per measurement; the median is reported.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the box-op benchmark (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the box-op and MSDA benchmarks (cpu, cuda).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch.set_num_threads before timing.")
 def bench(which: str, out_dir: Path, repeats: int, device: str, threads: int | None) -> None:
     """Time detrcore's ops against their baselines (plain PyTorch, scipy) and write JSON records.
 
-    WHICH is one of boxes, assignment or all (the default).
+    WHICH is one of boxes, assignment, msda (multi-scale deformable attention) or all (the default).
     """
     import torch
 
@@ -59,6 +59,12 @@ def bench(which: str, out_dir: Path, repeats: int, device: str, threads: int | N
 
             record = box_ops.run(device=device, repeats=repeats)
             path = _common.write_json(record, out_dir / f"box_ops_{tag}.json")
+        elif name == "msda":
+            from detrcore.bench import msda
+
+            dtypes = [torch.float32, torch.bfloat16] if device.startswith("cuda") else [torch.float32]
+            record = msda.run(device=device, dtypes=dtypes, repeats=repeats)
+            path = _common.write_json(record, out_dir / f"msda_{tag}.json")
         else:
             from detrcore.bench import assignment
 

@@ -9,6 +9,7 @@
 
 #include "assignment.h"
 #include "box_ops.h"
+#include "ms_deform_attn.h"
 #include "parallel.h"
 #include "tensor.h"
 #ifdef DETRCORE_WITH_CUDA
@@ -47,12 +48,52 @@ const dl::ExchangeAPI* exchange_api_for(PyObject* obj) {
 
 // One tensor argument, borrowed for the duration of the call.
 struct Arg {
+  static constexpr int kMaxNumpyDims = 8;
   py::object keep;  // the DLPack capsule on the slow path
   dl::Tensor raw{};
+  int64_t np_shape[kMaxNumpyDims], np_strides[kMaxNumpyDims];
+  bool from_numpy_path = false;
   View v;
+
+  // numpy arrays are read directly (cheaper than a DLPack round trip); false when this one cannot be.
+  bool from_numpy(py::handle obj, const char* name) {
+    if (!py::isinstance<py::array>(obj)) return false;
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    const int nd = static_cast<int>(arr.ndim());
+    const py::dtype dt = arr.dtype();
+    const char kind = dt.kind(), order = dt.byteorder();
+    const int64_t item = dt.itemsize();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    const bool native = order == '=' || order == '|' || order == '>';
+#else
+    const bool native = order == '=' || order == '|' || order == '<';
+#endif
+    if (nd > kMaxNumpyDims || !native) return false;
+    DType t = DType::other;
+    if (kind == 'f' && item == 2) t = DType::f16;
+    if (kind == 'f' && item == 4) t = DType::f32;
+    if (kind == 'f' && item == 8) t = DType::f64;
+    if (kind == 'i' && item == 8) t = DType::i64;
+    if (kind == 'u' && item == 1) t = DType::u8;
+    for (int i = 0; i < nd; ++i) {
+      if (arr.strides(i) % item) return false;  // not element-aligned: let DLPack report it
+      np_shape[i] = arr.shape(i);
+      np_strides[i] = arr.strides(i) / item;
+    }
+    v.name = name;
+    v.data = const_cast<void*>(arr.data());
+    v.device = DeviceKind::cpu;
+    v.ndim = nd;
+    v.dtype = t;
+    v.shape = np_shape;
+    v.strides = np_strides;
+    v.readonly = !arr.writeable();
+    return true;
+  }
 
   Arg(py::handle obj, const char* name) {
     if (obj.is_none()) throw TypeError(std::string(name) + " must be a tensor, got None");
+    if ((from_numpy_path = from_numpy(obj, name))) return;
     if (const dl::ExchangeAPI* api = exchange_api_for(obj.ptr())) {
       if (api->dltensor_from_py_object_no_sync(obj.ptr(), &raw) != 0) {
         py::error_already_set e;
@@ -325,6 +366,179 @@ void inverse_sigmoid_backward(py::handle grad_, py::handle x_, py::handle gx_, d
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Multi-scale deformable attention.
+struct MsdaArgs {
+  Arg value, shapes, starts, loc, attn;
+  MsdaShape s{};
+  MsdaArgs(py::handle value_, py::handle shapes_, py::handle starts_, py::handle loc_, py::handle attn_)
+      : value(value_, "value"),
+        shapes(shapes_, "spatial_shapes"),
+        starts(starts_, "level_start_index"),
+        loc(loc_, "sampling_locations"),
+        attn(attn_, "attention_weights") {
+    const View &v = value.v, &ss = shapes.v, &ls = starts.v, &sl = loc.v, &aw = attn.v;
+    check_device_supported(v);
+    check_float(v, v.device == DeviceKind::cuda);
+    for (const View* t : {&ss, &ls, &sl, &aw}) check_same_device(v, *t);
+    check_same_dtype(v, sl);
+    check_same_dtype(v, aw);
+    for (const View* t : {&ss, &ls}) {
+      if (t->dtype != DType::i64) throw TypeError(arg(*t) + " must be int64, got " + dtype_name(t->dtype));
+    }
+    for (const View* t : {&v, &ss, &ls, &sl, &aw}) check_contiguous(*t);
+    check_ndim(v, 4, "[B, S, H, D]");
+    check_ndim(ss, 2, "[L, 2]");
+    check_ndim(ls, 1, "[L]");
+    check_ndim(sl, 6, "[B, Q, H, L, P, 2]");
+    check_ndim(aw, 5, "[B, Q, H, L, P]");
+    s.B = v.size(0), s.S = v.size(1), s.H = v.size(2), s.D = v.size(3);
+    s.L = ss.size(0), s.Q = sl.size(1), s.P = sl.size(4);
+    check_size(ss, 1, 2, "(height, width) pairs");
+    check_size(ls, 0, s.L, "L (levels in spatial_shapes)");
+    check_size(sl, 0, s.B, "B (batch of value)");
+    check_size(sl, 2, s.H, "H (heads of value)");
+    check_size(sl, 3, s.L, "L (levels in spatial_shapes)");
+    check_size(sl, 5, 2, "2 (x, y)");
+    check_size(aw, 0, s.B, "B");
+    check_size(aw, 1, s.Q, "Q (queries of sampling_locations)");
+    check_size(aw, 2, s.H, "H");
+    check_size(aw, 3, s.L, "L");
+    check_size(aw, 4, s.P, "P (points of sampling_locations)");
+    if (v.device == DeviceKind::cpu) check_levels();
+  }
+  // The level metadata against S; only where it can be read without a device->host copy.
+  void check_levels() const {
+    const int64_t* hw = shapes.v.ptr<int64_t>();
+    const int64_t* st = starts.v.ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t l = 0; l < s.L; ++l) {
+      if (hw[2 * l] < 0 || hw[2 * l + 1] < 0)
+        throw ValueError("spatial_shapes: level " + std::to_string(l) + " has a negative size");
+      if (st[l] != total)
+        throw ValueError("level_start_index[" + std::to_string(l) + "] = " + std::to_string(st[l]) +
+                         " but the levels before it hold " + std::to_string(total) + " positions");
+      total += hw[2 * l] * hw[2 * l + 1];
+    }
+    if (total != s.S)
+      throw ValueError("value has S = " + std::to_string(s.S) + " positions but spatial_shapes sums to " +
+                       std::to_string(total));
+  }
+  const int64_t* hw() const { return shapes.v.ptr<int64_t>(); }
+  const int64_t* st() const { return starts.v.ptr<int64_t>(); }
+};
+
+void check_out(const View& ref, const View& out, std::initializer_list<int64_t> shape) {
+  check_same_device(ref, out);
+  check_same_dtype(ref, out);
+  check_contiguous(out);
+  check_writable(out);
+  bool ok = out.ndim == static_cast<int>(shape.size());
+  int i = 0;
+  for (int64_t n : shape) ok = ok && out.size(i++) == n;
+  if (!ok) {
+    std::string want = "[";
+    i = 0;
+    for (int64_t n : shape) want += (i++ ? ", " : "") + std::to_string(n);
+    throw ValueError(arg(out) + " must have shape " + want + "], got " + out.shape_str());
+  }
+}
+
+void ms_deform_attn_forward(py::handle value, py::handle shapes, py::handle starts, py::handle loc, py::handle attn,
+                            py::handle out_, int num_threads, uintptr_t stream) {
+  MsdaArgs a(value, shapes, starts, loc, attn);
+  Arg out(out_, "out");
+  const MsdaShape& s = a.s;
+  check_out(a.value.v, out.v, {s.B, s.Q, s.H * s.D});
+  dispatch(
+      "ms_deform_attn", a.value.v,
+      [&](auto t) {
+        using T = decltype(t);
+        ms_deform_attn_fwd_cpu<T>(a.value.v.ptr<T>(), a.hw(), a.st(), a.loc.v.ptr<T>(), a.attn.v.ptr<T>(),
+                                  out.v.ptr<T>(), s, threads_arg(num_threads));
+      },
+      [&] {
+        return ms_deform_attn_fwd_cuda(a.value.v.dtype, a.value.v.data, a.hw(), a.st(), a.loc.v.data,
+                                       a.attn.v.data, out.v.data, s, reinterpret_cast<void*>(stream));
+      });
+}
+
+int64_t ms_deform_attn_workspace_bytes(py::handle value, py::handle shapes, py::handle starts, py::handle loc,
+                                       py::handle attn, bool deterministic) {
+  MsdaArgs a(value, shapes, starts, loc, attn);
+#ifdef DETRCORE_WITH_CUDA
+  if (a.value.v.device == DeviceKind::cuda)
+    return ms_deform_attn_bwd_cuda_workspace_bytes(a.value.v.dtype, a.s, deterministic);
+#else
+  (void)deterministic;
+#endif
+  return 0;
+}
+
+// grad_value: value's dtype on the CPU; on CUDA a float32 accumulation buffer (float64 for float64 value).
+void ms_deform_attn_backward(py::handle value, py::handle shapes, py::handle starts, py::handle loc,
+                             py::handle attn, py::handle grad_out_, py::handle grad_value_, py::handle grad_loc_,
+                             py::handle grad_attn_, bool deterministic, py::handle workspace_, int num_threads,
+                             uintptr_t stream) {
+  MsdaArgs a(value, shapes, starts, loc, attn);
+  Arg grad_out(grad_out_, "grad_output"), gv(grad_value_, "grad_value"), gl(grad_loc_, "grad_sampling_locations"),
+      ga(grad_attn_, "grad_attention_weights");
+  const MsdaShape& s = a.s;
+  const View& v = a.value.v;
+  check_same_device(v, grad_out.v);
+  check_same_dtype(v, grad_out.v);
+  check_contiguous(grad_out.v);
+  check_ndim(grad_out.v, 3, "[B, Q, H * D]");
+  check_size(grad_out.v, 0, s.B, "B");
+  check_size(grad_out.v, 1, s.Q, "Q");
+  check_size(grad_out.v, 2, s.H * s.D, "H * D");
+  check_out(v, gl.v, {s.B, s.Q, s.H, s.L, s.P, 2});
+  check_out(v, ga.v, {s.B, s.Q, s.H, s.L, s.P});
+  if (v.device == DeviceKind::cpu) {
+    check_out(v, gv.v, {s.B, s.S, s.H, s.D});
+  } else {
+    check_same_device(v, gv.v);
+    const DType acc = v.dtype == DType::f64 ? DType::f64 : DType::f32;
+    if (gv.v.dtype != acc) throw TypeError(arg(gv.v) + " must be " + dtype_name(acc) + " (the accumulation type)");
+    check_contiguous(gv.v);
+    check_writable(gv.v);
+    if (gv.v.numel() != s.B * s.S * s.H * s.D) throw ValueError(arg(gv.v) + " must have value's shape");
+  }
+  dispatch(
+      "ms_deform_attn_backward", v,
+      [&](auto t) {
+        using T = decltype(t);
+        ms_deform_attn_bwd_cpu<T>(v.ptr<T>(), a.hw(), a.st(), a.loc.v.ptr<T>(), a.attn.v.ptr<T>(),
+                                  grad_out.v.ptr<T>(), gv.v.ptr<T>(), gl.v.ptr<T>(), ga.v.ptr<T>(), s,
+                                  threads_arg(num_threads));
+      },
+      [&]() -> int {
+#ifdef DETRCORE_WITH_CUDA
+        void* ws = nullptr;
+        const int64_t need = ms_deform_attn_bwd_cuda_workspace_bytes(v.dtype, s, deterministic);
+        if (need > 0) {
+          Arg w(workspace_, "workspace");
+          check_same_device(v, w.v);
+          check_contiguous(w.v);
+          check_writable(w.v);
+          if (w.v.dtype != DType::u8) throw TypeError("workspace must be a uint8 tensor");
+          const int64_t bytes = w.v.numel();
+          if (bytes < need)
+            throw ValueError("workspace holds " + std::to_string(bytes) + " bytes, the backward needs " +
+                             std::to_string(need));
+          ws = w.v.data;
+        }
+        return ms_deform_attn_bwd_cuda(v.dtype, v.data, a.hw(), a.st(), a.loc.v.data, a.attn.v.data,
+                                       grad_out.v.data, gv.v.data, gl.v.data, ga.v.data, s, deterministic, ws,
+                                       reinterpret_cast<void*>(stream));
+#else
+        (void)workspace_;
+        (void)deterministic;
+        return 0;
+#endif
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Linear sum assignment (CPU). Any strides; float32 or float64 read in place.
 struct LsaInput {
   Arg cost;
@@ -434,7 +648,7 @@ py::dict inspect(py::handle obj) {
   }
   d["shape"] = shape;
   d["strides"] = strides;
-  d["path"] = a.keep ? "dlpack_capsule" : "exchange_api";
+  d["path"] = a.from_numpy_path ? "numpy" : (a.keep ? "dlpack_capsule" : "exchange_api");
   return d;
 }
 
@@ -468,6 +682,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("inverse_sigmoid", &inverse_sigmoid, py::arg("x"), py::arg("out"), py::arg("eps"), nt, s);
   m.def("inverse_sigmoid_backward", &inverse_sigmoid_backward, py::arg("grad"), py::arg("x"), py::arg("grad_x"),
         py::arg("eps"), nt, s);
+  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),
+        py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("out"),
+        nt, s, "Multi-scale deformable attention forward: out [B, Q, H*D].");
+  m.def("ms_deform_attn_workspace_bytes", &ms_deform_attn_workspace_bytes, py::arg("value"),
+        py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("deterministic"));
+  m.def("ms_deform_attn_backward", &ms_deform_attn_backward, py::arg("value"), py::arg("spatial_shapes"),
+        py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"),
+        py::arg("grad_output"), py::arg("grad_value"), py::arg("grad_sampling_locations"),
+        py::arg("grad_attention_weights"), py::arg("deterministic") = false, py::arg("workspace") = py::none(), nt,
+        s);
   m.def("linear_sum_assignment", &linear_sum_assignment, py::arg("cost_matrix"), py::arg("maximize") = false,
         "Solve one assignment problem; returns (rows, cols) as int64 numpy arrays.");
   m.def("batched_linear_sum_assignment", &batched_linear_sum_assignment, py::arg("costs"),

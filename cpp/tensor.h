@@ -73,7 +73,7 @@ enum : uint8_t { kInt = 0, kUInt = 1, kFloat = 2, kBfloat = 4, kBool = 6 };
 constexpr uint64_t kFlagReadOnly = 1ull << 0;
 }  // namespace dl
 
-enum class DType { f16, bf16, f32, f64, i64, other };
+enum class DType { f16, bf16, f32, f64, i64, u8, other };
 enum class DeviceKind { cpu, cuda, other };
 
 inline const char* dtype_name(DType t) {
@@ -83,6 +83,7 @@ inline const char* dtype_name(DType t) {
     case DType::f32: return "float32";
     case DType::f64: return "float64";
     case DType::i64: return "int64";
+    case DType::u8: return "uint8";
     default: return "an unsupported dtype";
   }
 }
@@ -152,6 +153,7 @@ inline View view_of(const dl::Tensor& t, const char* name, bool readonly) {
     if (d.code == dl::kFloat && d.bits == 64) v.dtype = DType::f64;
     if (d.code == dl::kBfloat && d.bits == 16) v.dtype = DType::bf16;
     if (d.code == dl::kInt && d.bits == 64) v.dtype = DType::i64;
+    if (d.code == dl::kUInt && d.bits == 8) v.dtype = DType::u8;
   }
   return v;
 }

@@ -5,20 +5,21 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from detrcore.bench import _common, assignment, box_ops
+from detrcore.bench import _common, assignment, box_ops, msda
 from detrcore.cli import main
 
 
 @pytest.fixture
 def tiny_benchmarks(monkeypatch):
     fast = functools.partial(_common.time_call, min_time=0.001)
-    for mod in (box_ops, assignment):
+    for mod in (box_ops, assignment, msda):
         monkeypatch.setattr(mod, "time_call", fast)
     monkeypatch.setattr(box_ops, "SHAPES", [(1, 9, 4), (2, 9, 4)])
     monkeypatch.setattr(box_ops, "LOSS_SIZES", [5])
     monkeypatch.setattr(assignment, "QUERIES", [12])
     monkeypatch.setattr(assignment, "TARGETS", [1, 4])
     monkeypatch.setattr(assignment, "BATCH", (3, 12, 4))
+    monkeypatch.setattr(msda, "CPU_LEVELS", [(6, 5), (3, 3)])
 
 
 def test_info_reports_the_build():
@@ -41,6 +42,10 @@ def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
     assert [(r["queries"], r["targets"]) for r in lsa["per_matrix"]] == [(12, 1), (12, 4)]
     assert lsa["batch"]["batch"] == 3 and lsa["batch"]["ours_batched_us"] > 0
     assert "generalized_box_iou" in result.output and "wrote" in result.output
+    attn = json.loads((tmp_path / "msda_cpu.json").read_text())
+    modes = {(r["shape"], r["mode"]) for r in attn["results"]}
+    assert modes == {(s, m) for s in ("encoder", "decoder") for m in ("fwd", "fwd+bwd")}
+    assert all(r["speedup_vs_reference"] > 0 for r in attn["results"])
 
 
 def test_bench_rejects_a_missing_gpu():

@@ -5,12 +5,14 @@
 #include "assignment.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 using detrcore::LsaStatus;
@@ -21,6 +23,8 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 int g_checks = 0;
 int g_failures = 0;
+int g_infeasible = 0;  // checks that expected Status::infeasible
+int g_invalid = 0;     // checks that expected Status::invalid
 
 void fail(const std::string& what) {
     ++g_failures;
@@ -188,6 +192,8 @@ std::string describe(const char* type, int64_t nr, int64_t nc, Layout l, bool ma
 template <typename T>
 double run_and_check(const View<T>& v, bool maximize, LsaStatus expect_status, const std::string& what) {
     ++g_checks;
+    g_infeasible += expect_status == LsaStatus::infeasible;
+    g_invalid += expect_status == LsaStatus::invalid;
     const int64_t k = std::min(v.nr, v.nc);
     const int64_t sentinel = -7777;
     std::vector<int64_t> rows(static_cast<size_t>(k + 1), sentinel), cols(static_cast<size_t>(k + 1), sentinel);
@@ -416,38 +422,49 @@ void invalid_and_edge_cases(std::mt19937_64& rng, const char* tname) {
     }
 }
 
-// Larger matrices (DETR-like shapes and square) against the independent Hungarian on finite costs.
+// Larger matrices (DETR-like shapes, square, wide) against the independent Hungarian. Forbidden (+inf) entries
+// are given to the reference as a cost too big for any optimum that avoids them, so that a reference total
+// that large means infeasible.
 template <typename T>
 void larger_vs_reference(std::mt19937_64& rng, const char* tname) {
     std::uniform_real_distribution<double> unif(0.0, 1.0);
-    const std::pair<int64_t, int64_t> shapes[] = {{100, 5},  {300, 20}, {300, 50}, {60, 60}, {90, 100},
-                                                  {20, 300}, {1, 40},   {40, 1},   {33, 17}, {17, 33}};
+    const std::pair<int64_t, int64_t> shapes[] = {{100, 5}, {300, 20}, {300, 50}, {60, 60}, {90, 100}, {20, 300},
+                                                  {1, 40},  {40, 1},   {33, 17},  {17, 33}, {16, 64}, {64, 16},
+                                                  {31, 47}, {47, 31},  {128, 128}};
+    const Layout layouts[] = {Layout::row_major, Layout::transposed, Layout::strided, Layout::negative};
+    const double big = 1e7;
     for (auto [nr, nc] : shapes) {
-        for (int rep = 0; rep < 3; ++rep) {
-            for (int kind = 0; kind < 3; ++kind) {
+        for (int rep = 0; rep < 4; ++rep) {
+            for (int kind = 0; kind < 5; ++kind) {
                 for (bool maximize : {false, true}) {
+                    const double forbid = maximize ? -kInf : kInf;
+                    const double inf_prob = kind == 3 ? 0.3 : kind == 4 ? 0.9 : 0.0;
                     std::vector<double> m(static_cast<size_t>(nr * nc));
                     for (auto& x : m) {
                         if (kind == 0) x = unif(rng);
                         else if (kind == 1) x = std::floor(unif(rng) * 5.0);
-                        else x = std::floor((unif(rng) - 0.5) * 1000.0) / 8.0;
+                        else if (kind == 2) x = std::floor((unif(rng) - 0.5) * 1000.0) / 8.0;
+                        else x = unif(rng) < inf_prob ? forbid : std::floor(unif(rng) * 10.0);
                     }
-                    const Layout l = rep == 1 ? Layout::transposed : rep == 2 ? Layout::strided : Layout::row_major;
+                    const Layout l = layouts[rep];
                     const View<T> v = make_view<T>(m, nr, nc, l);
-                    const std::string what = describe(tname, nr, nc, l, maximize, "vs hungarian");
-                    const double got = run_and_check(v, maximize, LsaStatus::ok, what);
                     // Reference on the values as stored in T, oriented n <= m, negated for maximisation.
                     const bool tr = nr > nc;
                     const int64_t n = tr ? nc : nr, mm = tr ? nr : nc;
                     std::vector<double> c(static_cast<size_t>(n * mm));
                     for (int64_t i = 0; i < n; ++i)
                         for (int64_t j = 0; j < mm; ++j) {
-                            const double x = static_cast<double>(tr ? v.at(j, i) : v.at(i, j));
-                            c[static_cast<size_t>(i * mm + j)] = maximize ? -x : x;
+                            double x = static_cast<double>(tr ? v.at(j, i) : v.at(i, j));
+                            x = maximize ? -x : x;
+                            c[static_cast<size_t>(i * mm + j)] = x == kInf ? big : x;
                         }
                     double ref = hungarian_reference(c, n, mm);
+                    const bool feasible = ref < big / 2;
                     if (maximize) ref = -ref;
-                    if (!std::isnan(got) && !close(got, ref, 1000.0 * static_cast<double>(n))) {
+                    const std::string what = describe(tname, nr, nc, l, maximize, "vs hungarian");
+                    const double got =
+                        run_and_check(v, maximize, feasible ? LsaStatus::ok : LsaStatus::infeasible, what);
+                    if (feasible && !std::isnan(got) && !close(got, ref, 1000.0 * static_cast<double>(n))) {
                         char buf[120];
                         std::snprintf(buf, sizeof buf, ": total %.17g, reference %.17g", got, ref);
                         fail(what + buf);
@@ -456,6 +473,71 @@ void larger_vs_reference(std::mt19937_64& rng, const char* tname) {
             }
         }
     }
+}
+
+// Invalid entries at the start, end and middle of medium matrices (the vectorised minima pass: lane blocks
+// and tails, both loop orders).
+template <typename T>
+void invalid_positions(std::mt19937_64& rng, const char* tname) {
+    std::uniform_real_distribution<double> unif(0.0, 1.0);
+    const std::pair<int64_t, int64_t> shapes[] = {{20, 64}, {64, 20}, {40, 100}, {100, 40}, {5, 200}, {200, 5},
+                                                  {17, 17}};
+    for (auto [nr, nc] : shapes) {
+        for (Layout l : {Layout::row_major, Layout::transposed, Layout::strided, Layout::negative}) {
+            for (int64_t pos : {int64_t{0}, nr * nc - 1, nr * nc / 2 + 3, nc - 1, (nr - 1) * nc}) {
+                for (int which = 0; which < 3; ++which) {
+                    std::vector<double> m(static_cast<size_t>(nr * nc));
+                    for (auto& x : m) x = unif(rng);
+                    const bool maximize = which == 2;
+                    m[static_cast<size_t>(pos)] = which == 0 ? std::nan("") : which == 1 ? -kInf : kInf;
+                    run_and_check(make_view<T>(m, nr, nc, l), maximize, LsaStatus::invalid,
+                                  describe(tname, nr, nc, l, maximize, "invalid position"));
+                }
+            }
+        }
+    }
+}
+
+// The same matrices solved from several threads at once give the single-threaded results.
+template <typename T>
+void threads_agree(std::mt19937_64& rng, const char* tname) {
+    std::uniform_real_distribution<double> unif(0.0, 1.0);
+    struct Case {
+        int64_t nr, nc;
+        std::vector<T> c;
+        std::vector<int64_t> rows, cols;
+    };
+    std::vector<Case> cases;
+    for (int t = 0; t < 48; ++t) {
+        Case cs;
+        cs.nr = 1 + static_cast<int64_t>(unif(rng) * 150);
+        cs.nc = 1 + static_cast<int64_t>(unif(rng) * 150);
+        cs.c.resize(static_cast<size_t>(cs.nr * cs.nc));
+        for (auto& x : cs.c) x = static_cast<T>(unif(rng));
+        const int64_t k = std::min(cs.nr, cs.nc);
+        cs.rows.resize(static_cast<size_t>(k));
+        cs.cols.resize(static_cast<size_t>(k));
+        solve_lsa<T>(cs.c.data(), cs.nr, cs.nc, cs.nc, 1, false, cs.rows.data(), cs.cols.data());
+        cases.push_back(std::move(cs));
+    }
+    std::atomic<int> mismatches{0};
+    std::vector<std::thread> pool;
+    for (int w = 0; w < 4; ++w) {
+        pool.emplace_back([&, w] {
+            for (int rep = 0; rep < 5; ++rep) {
+                for (size_t t = static_cast<size_t>(w); t < cases.size() * 2; t += 3) {
+                    const Case& cs = cases[t % cases.size()];
+                    const int64_t k = std::min(cs.nr, cs.nc);
+                    std::vector<int64_t> r(static_cast<size_t>(k)), c(static_cast<size_t>(k));
+                    solve_lsa<T>(cs.c.data(), cs.nr, cs.nc, cs.nc, 1, false, r.data(), c.data());
+                    if (r != cs.rows || c != cs.cols) ++mismatches;
+                }
+            }
+        });
+    }
+    for (auto& th : pool) th.join();
+    ++g_checks;
+    if (mismatches.load() != 0) fail(std::string(tname) + ": threaded results differ");
 }
 
 }  // namespace
@@ -468,6 +550,11 @@ int main() {
     invalid_and_edge_cases<float>(rng, "float");
     larger_vs_reference<double>(rng, "double");
     larger_vs_reference<float>(rng, "float");
-    std::printf("test_assignment: %d checks, %d failures\n", g_checks, g_failures);
+    invalid_positions<double>(rng, "double");
+    invalid_positions<float>(rng, "float");
+    threads_agree<double>(rng, "double");
+    threads_agree<float>(rng, "float");
+    std::printf("test_assignment: %d checks (%d expecting infeasible, %d invalid), %d failures\n", g_checks,
+                g_infeasible, g_invalid, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

@@ -4,6 +4,7 @@ Importing this package needs only torch and numpy.
 """
 from ._lib import build_info, cuda_available
 from .assignment import batched_linear_sum_assignment, linear_sum_assignment
+from .deform_attn import ms_deform_attn
 from .boxes import (
     box_cxcywh_to_xyxy,
     box_iou,
@@ -23,5 +24,6 @@ __all__ = [
     "generalized_box_iou_loss",
     "inverse_sigmoid",
     "linear_sum_assignment",
+    "ms_deform_attn",
     "batched_linear_sum_assignment",
 ]

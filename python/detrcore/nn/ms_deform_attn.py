@@ -1,0 +1,107 @@
+"""The multi-scale deformable attention module of Deformable DETR, on detrcore's native op.
+
+Parameter names (sampling_offsets, attention_weights, value_proj, output_proj) and initialisation follow the
+paper's official implementation, so its checkpoints load as they are.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detrcore.ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention: each query attends to `n_points` sampled points per head and level.
+
+    Args:
+        d_model: channels of queries and values; must be divisible by `n_heads`.
+        n_levels: feature levels.
+        n_heads: attention heads.
+        n_points: sampling points per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        for name, v in (("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            if v < 1:
+                raise ValueError(f"{name} must be at least 1, got {v}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation: offsets point outwards on a grid over heads (direction) and points
+        (distance 1..P), attention starts uniform, value/output projections are Xavier-uniform."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # [H, 2]
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # onto the unit square's border
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)  # [H, L, P, 2]
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        input_spatial_shapes: Tensor,
+        input_level_start_index: Tensor,
+        input_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: `[B, Q, C]`.
+            reference_points: `[B, Q, L, 2]` normalised (x, y), or `[B, Q, L, 4]` boxes (cx, cy, w, h): offsets
+                are then relative to the box size (half the box spans P points).
+            input_flatten: `[B, S, C]`, the flattened levels.
+            input_spatial_shapes: `[L, 2]` (height, width) of each level.
+            input_level_start_index: `[L]`.
+            input_padding_mask: `[B, S]`, True on padding (those values are zeroed).
+        Returns:
+            `[B, Q, C]`.
+        """
+        B, Q, C = query.shape
+        S = input_flatten.shape[1]
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        if input_flatten.shape[0] != B or input_flatten.shape[2] != C:
+            raise ValueError(f"input_flatten must be [B={B}, S, C={C}], got shape {tuple(input_flatten.shape)}")
+        if input_spatial_shapes.shape != (L, 2):
+            raise ValueError(f"input_spatial_shapes must be [{L}, 2], got shape {tuple(input_spatial_shapes.shape)}")
+        if reference_points.dim() != 4 or reference_points.shape[:3] != (B, Q, L) or \
+                reference_points.shape[3] not in (2, 4):
+            raise ValueError(
+                f"reference_points must be [B={B}, Q={Q}, L={L}, 2 or 4], got shape {tuple(reference_points.shape)}"
+            )
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(B, S, H, C // H)  # [B, S, H, D]
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        if reference_points.shape[-1] == 2:
+            wh = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)  # [L, 2] (w, h)
+            locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+        else:
+            ref = reference_points[:, :, None, :, None, :]  # [B, Q, 1, L, 1, 4]
+            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5  # [B, Q, H, L, P, 2]
+        # Under autocast the projections may run in half precision while softmax and the reference points stay
+        # float32: the op takes one dtype, value's.
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
+                             locations.to(value.dtype), weights.to(value.dtype))  # [B, Q, C]
+        return self.output_proj(out)

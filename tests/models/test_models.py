@@ -1,0 +1,174 @@
+"""Every variant builds, runs forward and backward on a padded batch with masks, and returns the right shapes;
+config rules; torchvision-name loading; the official key mapping."""
+import pytest
+import torch
+
+from detrcore.models import (DETR, DeformableDETR, HungarianMatcher, LossWeights, ModelConfig, SetCriterion,
+                             build_model)
+from detrcore.models.backbone import ResNetBackbone
+from detrcore.models.official import map_official_state_dict, official_config
+
+SMALL = dict(num_classes=5, backbone="resnet18", enc_layers=2, dec_layers=2, hidden_dim=64, nheads=4, num_queries=12,
+             dim_feedforward=128)
+VARIANTS = {
+    "detr": dict(arch="detr"),
+    "detr_dc5": dict(arch="detr", dilation=True),
+    "detr_prenorm_learned": dict(arch="detr", pre_norm=True, position_embedding="learned"),
+    "deformable": dict(),
+    "deformable_refine": dict(with_box_refine=True),
+    "deformable_two_stage": dict(two_stage=True),
+    "deformable_two_stage_reparam": dict(two_stage=True, box_reparam=True),
+    "deformable_pan": dict(neck="pan", with_box_refine=True),
+}
+
+
+def padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 96, 128, generator=g)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 70:], mask[1, :, 100:] = True, True
+    images[1][:, mask[1]] = 0
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.5, 0.1, 0.2]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    return images, mask, targets
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_forward_backward_shapes(name):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, **VARIANTS[name])
+    model = build_model(cfg)
+    images, mask, targets = padded_batch()
+    out = model(images, mask)
+    C = cfg.num_classes + (1 if cfg.arch == "detr" else 0)
+    assert out["pred_logits"].shape == (2, 12, C) and out["pred_boxes"].shape == (2, 12, 4)
+    assert len(out["aux_outputs"]) == cfg.dec_layers - 1
+    assert all(a["pred_boxes"].shape == (2, 12, 4) for a in out["aux_outputs"])
+    assert ("enc_outputs" in out) == cfg.two_stage
+    if not cfg.box_reparam:
+        assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    crit = SetCriterion(cfg.num_classes, HungarianMatcher(focal=cfg.focal, cost_class=2.0 if cfg.focal else 1.0),
+                        LossWeights(loss_ce=2.0 if cfg.focal else 1.0), focal=cfg.focal)
+    losses = crit(out, targets)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    no_grad = [n for n, p in trainable if p.grad is None]
+    # layer1/conv1 are frozen; every trainable parameter must receive a gradient
+    assert not no_grad, no_grad
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.body.layer1"))
+
+
+def test_padding_does_not_leak_into_valid_outputs():
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(**SMALL, arch="detr", dropout=0.0)).eval()
+    images, mask, _ = padded_batch()
+    out1 = model(images, mask)
+    noisy = images.clone()
+    noisy[1][:, mask[1]] = 100.0  # change only the padding
+    out2 = model(noisy, mask)
+    # convolutions see a few padded pixels near the border; the transformer ignores padded positions
+    assert (out1["pred_logits"][0] == out2["pred_logits"][0]).all()
+
+
+def test_no_mask_means_no_padding():
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(**SMALL)).eval()
+    images, _, _ = padded_batch()
+    torch.testing.assert_close(model(images)["pred_boxes"], model(images, torch.zeros(2, 96, 128, dtype=torch.bool))["pred_boxes"])
+    with pytest.raises(ValueError, match="mask"):
+        model(images, torch.zeros(2, 95, 128, dtype=torch.bool))
+    with pytest.raises(ValueError, match="images"):
+        model(images[:, :2])
+
+
+def test_initialisation_follows_the_papers():
+    model = build_model(ModelConfig(**SMALL, with_box_refine=True))
+    import math
+
+    for head in model.class_embed:
+        torch.testing.assert_close(head.bias, torch.full_like(head.bias, -math.log(99)))
+    for head in model.bbox_embed:
+        assert (head.layers[-1].weight == 0).all()
+    assert (model.bbox_embed[0].layers[-1].bias[2:] == -2).all()
+    shared = build_model(ModelConfig(**SMALL))
+    assert isinstance(shared.class_embed, torch.nn.Linear)  # one head shared by every layer without refinement
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(arch="yolo"), "arch"), (dict(num_classes=0), "num_classes"), (dict(backbone="vgg"), "backbone"),
+    (dict(arch="detr", two_stage=True), "Deformable"), (dict(dilation=True), "DETR option"),
+    (dict(box_reparam=True), "two_stage"), (dict(hidden_dim=100), "hidden_dim"),
+])
+def test_config_rules(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**SMALL, **bad})
+
+
+def test_config_round_trip_and_two_stage_implies_refine():
+    cfg = ModelConfig(**SMALL, two_stage=True)
+    assert cfg.with_box_refine
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({"archh": "detr"})
+
+
+def test_resnet_loads_torchvision_names(tmp_path):
+    body = ResNetBackbone("resnet18").body
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in body.state_dict().items()}
+    for k in list(state):  # torchvision's file also has these
+        if k.endswith("running_var"):
+            state[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    torch.save(state, tmp_path / "resnet18.pth")
+    bb = ResNetBackbone("resnet18", weights=tmp_path / "resnet18.pth")
+    torch.testing.assert_close(bb.body.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        ResNetBackbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_dc5_keeps_stride_16():
+    bb = ResNetBackbone("resnet18", dilate_c5=True)
+    feats = bb.features(torch.randn(1, 3, 64, 96))
+    assert feats[-1].shape[-2:] == (4, 6) and bb.strides == [16]
+    assert bb.body.layer4[0].conv2.dilation == (1, 1) and bb.body.layer4[1].conv1.dilation == (2, 2)
+
+
+@pytest.mark.parametrize("variant", ["detr_r50", "deformable_detr", "deformable_detr_refine", "deformable_detr_two_stage"])
+def test_official_key_mapping_round_trip(variant):
+    """An official-layout state dict (our keys mapped back, duplicates re-created) maps onto the model exactly."""
+    cfg = official_config(variant)
+    small = ModelConfig.from_dict({**cfg.to_dict(), "enc_layers": 1, "dec_layers": 2, "backbone": "resnet18"})
+    model = build_model(small)
+    ours = model.state_dict()
+    official = {}
+    for k, v in ours.items():
+        key = "backbone.0.body." + k[len("backbone.body."):] if k.startswith("backbone.body.") else k
+        if small.arch == "deformable_detr" and not small.with_box_refine and k.split(".")[0] in ("class_embed", "bbox_embed"):
+            for i in range(small.dec_layers):
+                official[key.replace(k.split(".")[0], f"{k.split('.')[0]}.{i}", 1)] = v
+            continue
+        official[key] = v
+        if small.with_box_refine and k.split(".")[0] == "bbox_embed":
+            official["transformer.decoder." + k] = v
+        if small.two_stage and k.split(".")[0] == "class_embed":
+            official["transformer.decoder." + k] = v
+    mapped = map_official_state_dict(official, small)
+    assert set(mapped) == set(ours)
+    model.load_state_dict(mapped, strict=True)
+    bad = dict(official)
+    copies = ("transformer.decoder.bbox_embed", "transformer.decoder.class_embed") if small.with_box_refine else \
+        ("class_embed.1.", "bbox_embed.1.")
+    dup = next((k for k in bad if k.startswith(copies)), None)
+    if dup:
+        bad[dup] = bad[dup] + 1
+        with pytest.raises(ValueError, match="differs"):
+            map_official_state_dict(bad, small)
+    else:
+        assert small.arch == "detr"
+
+
+def test_model_classes():
+    assert isinstance(build_model(ModelConfig(**SMALL, arch="detr")), DETR)
+    assert isinstance(build_model(ModelConfig(**SMALL)), DeformableDETR)

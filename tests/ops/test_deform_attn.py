@@ -1,0 +1,237 @@
+"""ms_deform_attn against its grid_sample twin: values and gradients on every device and dtype, odd sizes,
+float64 gradcheck, non-contiguous inputs, determinism, opcheck, torch.compile and named errors."""
+import pytest
+import torch
+
+from detrcore import ops
+from detrcore.ops import reference
+from detrcore.ops.deform_attn import level_start_index_of
+from tests._grid import DEVICES, HAS_CUDA, device_dtypes
+
+
+def make_inputs(B=2, H=3, D=5, Q=7, P=2, shapes=((6, 4), (3, 2), (1, 1)), spread=0.3, dtype=torch.float64,
+                device="cpu", seed=0):
+    """Inputs with sampling locations spread `spread` beyond [0, 1] on each side."""
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    L, S = len(shapes), int((ss[:, 0] * ss[:, 1]).sum())
+    value = torch.randn(B, S, H, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(B, Q, H, L, P, 2, generator=g, dtype=torch.float64) * (1 + 2 * spread) - spread
+    aw = torch.rand(B, Q, H, L, P, generator=g, dtype=torch.float64)
+    aw = aw / aw.sum(dim=(-1, -2), keepdim=True)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(value), ss.to(device), level_start_index_of(ss).to(device), to(loc), to(aw)
+
+
+TOL = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2), torch.float32: (1e-5, 1e-5),
+       torch.float64: (1e-10, 1e-10)}
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("D,L,P", [(1, 1, 1), (3, 4, 4), (30, 1, 4), (71, 4, 1), (32, 2, 3)])
+def test_forward_and_backward_match_reference(device, dtype, D, L, P):
+    shapes = [(9, 7), (5, 4), (3, 2), (1, 1)][:L]
+    value, ss, ls, loc, aw = make_inputs(D=D, P=P, shapes=shapes, dtype=dtype, device=device, seed=D * 10 + L + P)
+    rtol, atol = TOL[dtype]
+    inputs = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    out = ops.ms_deform_attn(inputs[0], ss, ls, inputs[1], inputs[2])
+    assert out.shape == (value.shape[0], loc.shape[1], value.shape[2] * D) and out.dtype == dtype
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (value, loc, aw)]
+    ref = reference.ms_deform_attn(ref_inputs[0], ss.cpu(), ls.cpu(), ref_inputs[1], ref_inputs[2])
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=rtol, atol=atol)
+
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, inputs, grad.to(device, dtype))
+    want = torch.autograd.grad(ref, ref_inputs, grad)
+    for name, gt, wt in zip(("value", "sampling_locations", "attention_weights"), got, want):
+        assert gt.dtype == dtype and gt.shape == wt.shape, name
+        scale = 1 + wt.abs().max().item()  # location gradients scale with the map size
+        torch.testing.assert_close(gt.double().cpu(), wt, rtol=rtol, atol=atol * scale, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D,L,P", [(1, 1, 1), (3, 4, 4), (30, 1, 4), (71, 4, 1)])
+def test_gradcheck_float64(device, D, L, P):
+    shapes = [(5, 4), (3, 3), (2, 1), (1, 1)][:L]
+    value, ss, ls, loc, aw = make_inputs(B=1, H=2, D=D, Q=3, P=P, shapes=shapes, spread=0.25, device=device, seed=D)
+    fn = lambda v, l, a: ops.ms_deform_attn(v, ss, ls, l, a)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (value, loc, aw)), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_head_dim(device):
+    value, ss, ls, loc, aw = make_inputs(B=1, H=1, D=1025, Q=3, P=2, shapes=((4, 3), (2, 2)), device=device,
+                                         dtype=torch.float32)
+    out = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    ref = reference.ms_deform_attn(value.cpu().double(), ss.cpu(), ls.cpu(), loc.cpu().double(), aw.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs_give_the_same_result(device):
+    value, ss, ls, loc, aw = make_inputs(device=device)
+    v_nc = value.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H, D] with H-major strides
+    loc_nc = torch.stack([loc, loc], dim=-2)[..., 0, :]
+    aw_nc = aw.transpose(3, 4).contiguous().transpose(3, 4)
+    assert not (v_nc.is_contiguous() or loc_nc.is_contiguous() or aw_nc.is_contiguous())
+    torch.testing.assert_close(ops.ms_deform_attn(v_nc, ss, ls, loc_nc, aw_nc), ops.ms_deform_attn(value, ss, ls, loc, aw),
+                               rtol=0, atol=0)
+
+
+def test_batch_has_no_divisibility_limit_and_matches_per_image():
+    value, ss, ls, loc, aw = make_inputs(B=5, dtype=torch.float32)
+    out = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    for b in range(5):
+        one = ops.ms_deform_attn(value[b : b + 1], ss, ls, loc[b : b + 1], aw[b : b + 1])
+        torch.testing.assert_close(out[b : b + 1], one, rtol=0, atol=0)
+
+
+def test_edges_and_outside_samples():
+    value, ss, ls, loc, aw = make_inputs(B=1, H=1, D=4, Q=6, P=1, shapes=((4, 5),))
+    loc[0, :, 0, 0, 0] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-0.5, 0.5], [1.5, 0.5], [0.5, 2.0], [0.1, 0.999]],
+                                      dtype=torch.float64)
+    out = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    torch.testing.assert_close(out, reference.ms_deform_attn(value, ss, ls, loc, aw))
+    assert (out[0, 2:5] == 0).all()  # entirely outside: zeros
+    v, l, a = (t.clone().requires_grad_() for t in (value, loc, aw))
+    ops.ms_deform_attn(v, ss, ls, l, a).sum().backward()
+    assert (l.grad[0, 2:5] == 0).all() and (a.grad[0, 2:5] == 0).all()
+
+
+def test_non_finite_locations_do_not_read_out_of_bounds():
+    value, ss, ls, loc, aw = make_inputs(B=1, Q=4, dtype=torch.float32)
+    loc[0, 0] = float("nan")
+    loc[0, 1] = float("inf")
+    loc[0, 2] = -1e30
+    out = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    assert (out[0, :3] == 0).all() and torch.isfinite(out).all()
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    value, ss, ls, loc, aw = make_inputs(B=2, H=4, D=16, Q=40, P=4, shapes=((12, 10), (6, 5), (3, 3)),
+                                         dtype=torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ins = [t.clone().requires_grad_() for t in (value, loc, aw)]
+            ops.ms_deform_attn(ins[0], ss, ls, ins[1], ins[2]).square().sum().backward()
+            results.append([t.grad for t in ins])
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    value, ss, ls, loc, aw = make_inputs(B=1, H=2, D=3, Q=4, device=device)
+    args = (value.requires_grad_(), ss, ls, loc.requires_grad_(), aw.requires_grad_())
+    torch.library.opcheck(torch.ops.detrcore.ms_deform_attn.default, args)
+    grad = torch.randn(1, 4, 6, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.detrcore.ms_deform_attn_backward.default,
+                          (grad, value.detach(), ss, ls, loc.detach(), aw.detach()))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    value, ss, ls, loc, aw = make_inputs(dtype=torch.float32)
+    proj = torch.nn.Linear(15, 15)
+
+    def f(v, l, a):
+        out = ops.ms_deform_attn(v, ss, ls, l, a)
+        return proj(out).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    e_in = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    c_in = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    e, c = f(*e_in), compiled(*c_in)
+    torch.testing.assert_close(c, e)
+    e.backward()
+    c.backward()
+    for a, b in zip(c_in, e_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_bad_input_names_the_argument():
+    value, ss, ls, loc, aw = make_inputs()
+    with pytest.raises(ValueError, match="value has S"):
+        ops.ms_deform_attn(value[:, :-1], ss, ls, loc, aw)
+    with pytest.raises(ValueError, match="level_start_index"):
+        ops.ms_deform_attn(value, ss, ls + 1, loc, aw)
+    with pytest.raises(ValueError, match="level_start_index"):
+        ops.ms_deform_attn(value, ss, ls[:2], loc, aw)
+    with pytest.raises(ValueError, match="sampling_locations"):
+        ops.ms_deform_attn(value, ss, ls, loc[:, :, :, :2], aw)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ops.ms_deform_attn(value, ss, ls, loc, aw[..., :1])
+    with pytest.raises(ValueError, match="value must be 4-D"):
+        ops.ms_deform_attn(value[0], ss, ls, loc, aw)
+    with pytest.raises(TypeError, match="sampling_locations"):
+        ops.ms_deform_attn(value, ss, ls, loc.float(), aw)
+    with pytest.raises(TypeError, match="spatial_shapes"):
+        ops.ms_deform_attn(value, ss.double(), ls, loc, aw)
+    with pytest.raises(TypeError, match="CPU kernel"):
+        ops.ms_deform_attn(value.half(), ss, ls, loc.half(), aw.half())
+    with pytest.raises(TypeError, match="attention_weights"):
+        ops.ms_deform_attn(value, ss, ls, loc, aw.tolist())
+
+
+def test_native_entry_point_checks_everything():
+    from detrcore import _C
+
+    value, ss, ls, loc, aw = (t.float() if t.is_floating_point() else t for t in make_inputs())
+    out = torch.empty(2, 7, 15)
+    with pytest.raises(ValueError, match="value has S"):
+        _C.ms_deform_attn_forward(value[:, :-1].contiguous(), ss, ls, loc, aw, out)
+    with pytest.raises(ValueError, match="out"):
+        _C.ms_deform_attn_forward(value, ss, ls, loc, aw, torch.empty(2, 7, 14))
+    with pytest.raises(TypeError, match="spatial_shapes"):
+        _C.ms_deform_attn_forward(value, ss.int(), ls, loc, aw, out)
+    with pytest.raises(ValueError, match="negative"):
+        _C.ms_deform_attn_forward(value, -ss, ls, loc, aw, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.ms_deform_attn_forward(value, ss, ls, loc.transpose(1, 2), aw, out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_deterministic_backward_and_host_metadata():
+    value, ss, ls, loc, aw = make_inputs(B=2, H=8, D=32, Q=300, P=4, shapes=((20, 15), (10, 8), (5, 4), (3, 2)),
+                                         dtype=torch.float32, device="cuda")
+    out_host_meta = ops.ms_deform_attn(value, ss.cpu(), ls.cpu(), loc, aw)  # checked on the host, then copied
+    torch.testing.assert_close(out_host_meta, ops.ms_deform_attn(value, ss, ls, loc, aw), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="value has S"):
+        ops.ms_deform_attn(value[:, :-1], ss.cpu(), ls.cpu(), loc, aw)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(3):
+            ins = [t.clone().requires_grad_() for t in (value, loc, aw)]
+            ops.ms_deform_attn(ins[0], ss, ls, ins[1], ins[2]).square().sum().backward()
+            grads.append([t.grad for t in ins])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for r in grads[1:]:
+        for a, b in zip(r, grads[0]):
+            assert torch.equal(a, b)
+    ins = [t.detach().double().cpu().requires_grad_() for t in (value, loc, aw)]
+    ops.ms_deform_attn(ins[0], ss.cpu(), ls.cpu(), ins[1], ins[2]).square().sum().backward()
+    torch.testing.assert_close(grads[0][0].double().cpu(), ins[0].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_non_default_stream_and_cpu_agreement():
+    value, ss, ls, loc, aw = make_inputs(B=3, D=32, Q=50, device="cuda", dtype=torch.float32)
+    want = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ops.ms_deform_attn(value, ss, ls, loc, aw)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    cpu = ops.ms_deform_attn(value.cpu(), ss.cpu(), ls.cpu(), loc.cpu(), aw.cpu())
+    torch.testing.assert_close(want.cpu(), cpu, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,81 @@
+"""detrcore.nn.MSDeformAttn: the paper's initialisation, reference-point forms, padding mask, autograd."""
+import math
+
+import pytest
+import torch
+
+from detrcore.nn import MSDeformAttn
+from detrcore.ops import reference
+from detrcore.ops.deform_attn import level_start_index_of
+
+SHAPES = torch.tensor([[8, 6], [4, 3], [2, 2]])
+
+
+def inputs(B=2, Q=5, C=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = int((SHAPES[:, 0] * SHAPES[:, 1]).sum())
+    return (torch.randn(B, Q, C, generator=g), torch.rand(B, Q, 3, 2, generator=g), torch.randn(B, S, C, generator=g))
+
+
+def test_initialisation_follows_the_paper():
+    m = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    bias = m.sampling_offsets.bias.view(4, 3, 2, 2)
+    # head h points in direction 2*pi*h/4 (scaled onto the unit square), point i at distance i + 1
+    torch.testing.assert_close(bias[0, :, 0], torch.tensor([[1.0, 0.0]] * 3))
+    torch.testing.assert_close(bias[1, :, 1], torch.tensor([[0.0, 2.0]] * 3), atol=1e-6, rtol=0)
+    assert (m.sampling_offsets.weight == 0).all()
+    assert (m.attention_weights.weight == 0).all() and (m.attention_weights.bias == 0).all()
+    assert (m.value_proj.bias == 0).all() and m.value_proj.weight.std() > 0
+
+
+def test_matches_a_hand_written_forward():
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    q, ref, x = inputs()
+    out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
+    B, Q, _ = q.shape
+    value = m.value_proj(x).view(B, -1, 2, 8)
+    offsets = m.sampling_offsets(q).view(B, Q, 2, 3, 3, 2)
+    weights = m.attention_weights(q).view(B, Q, 2, 9).softmax(-1).view(B, Q, 2, 3, 3)
+    wh = SHAPES.flip(-1).float()
+    loc = ref[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+    want = m.output_proj(reference.ms_deform_attn(value, SHAPES, level_start_index_of(SHAPES), loc, weights))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_box_reference_points_and_padding_mask():
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2)
+    q, ref, x = inputs()
+    boxes = torch.cat([ref, torch.full_like(ref, 0.2)], -1)  # [B, Q, L, 4]
+    out = m(q, boxes, x, SHAPES, level_start_index_of(SHAPES))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    mask[1] = True  # image 1 is all padding: its values vanish, leaving only the output bias
+    out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES), mask)
+    torch.testing.assert_close(out[1], m.output_proj.bias.expand_as(out[1]))
+
+
+def test_gradients_reach_every_parameter():
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)  # at init the output does not depend on q
+    q, ref, x = inputs()
+    q.requires_grad_()
+    m(q, ref, x, SHAPES, level_start_index_of(SHAPES)).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.sampling_offsets.weight.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
+
+
+def test_bad_configuration_and_shapes():
+    with pytest.raises(ValueError, match="divisible"):
+        MSDeformAttn(d_model=30, n_heads=8)
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2)
+    q, ref, x = inputs()
+    with pytest.raises(ValueError, match="reference_points"):
+        m(q, ref[..., :2, :], x, SHAPES, level_start_index_of(SHAPES))
+    with pytest.raises(ValueError, match="input_spatial_shapes"):
+        m(q, ref, x, SHAPES[:2], level_start_index_of(SHAPES[:2]))
+    with pytest.raises(ValueError, match="value has S"):
+        m(q, ref, x[:, :-1], SHAPES, level_start_index_of(SHAPES))
+    assert math.isclose(float(m.sampling_offsets.bias.abs().max()), 2.0)
