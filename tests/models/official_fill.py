@@ -37,3 +37,19 @@ def fill_value(key: str, shape, dtype: torch.dtype = torch.float64) -> torch.Ten
 
 def fill_state_dict(keys_and_shapes, dtype: torch.dtype = torch.float64) -> dict:
     return {k: fill_value(k, s, dtype) for k, s in keys_and_shapes}
+
+
+def official_input():
+    """The parity input: two float32 images, the second padded bottom-right (64x96 inside 96x128, so even the
+    stride-32 level of a ResNet-50 has padding). Returns ([img0, img1], images [2, 3, 96, 128], mask [2, 96, 128]
+    True on padding)."""
+    g = torch.Generator().manual_seed(0)
+    img0 = torch.randn(3, 96, 128, generator=g, dtype=torch.float32)
+    img1 = torch.randn(3, 64, 96, generator=g, dtype=torch.float32)
+    images = torch.zeros(2, 3, 96, 128, dtype=torch.float32)
+    images[0] = img0
+    images[1, :, :64, :96] = img1
+    mask = torch.ones(2, 96, 128, dtype=torch.bool)
+    mask[0] = False
+    mask[1, :64, :96] = False
+    return [img0, img1], images, mask

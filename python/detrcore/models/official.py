@@ -30,10 +30,10 @@ VARIANTS = {
 }
 
 
-def official_config(variant: str, num_classes: int = 91) -> ModelConfig:
+def official_config(variant: str, num_classes: int = 91, num_queries: int | None = None) -> ModelConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    return ModelConfig(num_classes=num_classes, backbone="resnet50", **VARIANTS[variant])
+    return ModelConfig(num_classes=num_classes, backbone="resnet50", num_queries=num_queries, **VARIANTS[variant])
 
 
 def map_official_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -61,15 +61,17 @@ def map_official_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[
     return out
 
 
-def load_official(checkpoint: str | os.PathLike | dict, variant: str, num_classes: int = 91) -> nn.Module:
+def load_official(checkpoint: str | os.PathLike | dict, variant: str, num_classes: int = 91,
+                  num_queries: int | None = None) -> nn.Module:
     """Builds the detrcore model for `variant` and loads an official checkpoint into it strictly.
 
     checkpoint: a path to an official `.pth` (a dict with "model"), or that dict, or the state dict itself.
     variant: detr_r50, detr_r50_dc5, deformable_detr, deformable_detr_refine, deformable_detr_two_stage (the
         official "++ two-stage", which includes box refinement).
     num_classes: object classes without no-object; the official COCO checkpoints use 91.
+    num_queries: None for the official 100 (DETR) / 300 (Deformable); two-stage uses it as its top-k proposals.
     """
-    cfg = official_config(variant, num_classes)
+    cfg = official_config(variant, num_classes, num_queries)
     if isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
