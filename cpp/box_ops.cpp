@@ -8,7 +8,7 @@
 
 namespace detrcore {
 namespace {
-constexpr int64_t kElementwiseGrain = 4096;
+constexpr int64_t kElementwiseGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
 // The pairwise backward splits each image's N rows into at most this many fixed chunks, each with its own
 // grad_b partial sum, reduced in chunk order: deterministic whatever the thread count, no atomics.
 constexpr int64_t kMaxRowChunks = 8;

@@ -133,16 +133,16 @@ inline __attribute__((always_inline)) void bwd_range(const Args<T>& A, int64_t t
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H;
       const T* v = value + b * s.S * HD + h * s.D;
-      T* gv = grad_value + b * s.S * HD + h * s.D;
-      for (int64_t r = 0; r < s.S; ++r) std::fill(gv + r * HD, gv + r * HD + s.D, T(0));
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const int64_t bqh = (b * s.Q + q) * s.H + h;
-        const T* g = grad_out + bqh * s.D;
-        const T* loc = sampling_locations + bqh * LP * 2;
-        const T* aw = attention_weights + bqh * LP;
-        T* gloc = grad_sampling_locations + bqh * LP * 2;
-        T* gaw = grad_attention_weights + bqh * LP;
-        for (int64_t l = 0; l < s.L; ++l) {
+      T* gv = grad_value + b * s.S * HD + h * s.D;  // zero-filled by the caller
+      // Level by level: the value and grad_value rows one level touches stay in cache while every query visits it.
+      for (int64_t l = 0; l < s.L; ++l) {
+        for (int64_t q = 0; q < s.Q; ++q) {
+          const int64_t bqh = (b * s.Q + q) * s.H + h;
+          const T* g = grad_out + bqh * s.D;
+          const T* loc = sampling_locations + bqh * LP * 2;
+          const T* aw = attention_weights + bqh * LP;
+          T* gloc = grad_sampling_locations + bqh * LP * 2;
+          T* gaw = grad_attention_weights + bqh * LP;
           for (int64_t p = 0; p < s.P; ++p) {
             const int64_t lp = l * s.P + p;
             const Footprint<T> f = footprint<T>(loc[2 * lp], loc[2 * lp + 1], lv[l], s.S);
@@ -213,6 +213,11 @@ void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const
   const std::vector<Level> lv = levels_of(spatial_shapes, level_start, s.L);
   const Args<T> a{value,      sampling_locations,      attention_weights,      grad_out, nullptr,
                   grad_value, grad_sampling_locations, grad_attention_weights, lv.data(), s};
+  // One contiguous parallel memset first (much faster than per-(b, h) strided row fills), then the owners of
+  // the (b, h) slices accumulate into it.
+  const int64_t n = s.B * s.S * s.H * s.D;
+  parallel_for(n, 1 << 16, num_threads,
+               [&](int64_t b, int64_t e) { std::memset(grad_value + b, 0, static_cast<size_t>(e - b) * sizeof(T)); });
   parallel_for(s.B * s.H, 1, num_threads, [&](int64_t b, int64_t e) { bwd_range_any(a, b, e); });
 }
 

@@ -154,7 +154,12 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return [(f, mask_at(mask, f.shape[-2:])) for f in self.features(images)]
+        if any(p.requires_grad for p in self.parameters()):
+            feats = self.features(images)
+        else:  # a frozen backbone keeps no activations for backward
+            with torch.no_grad():
+                feats = self.features(images)
+        return [(f, mask_at(mask, f.shape[-2:])) for f in feats]
 
 
 class ResNetBackbone(Backbone):

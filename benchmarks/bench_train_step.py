@@ -1,0 +1,23 @@
+"""Training step (forward + loss + backward) per Deformable DETR variant on the CPU: detrcore vs HuggingFace
+transformers' DeformableDetrForObjectDetection with the same configuration (pip install transformers pillow in
+the benchmark environment). Prints a table, writes JSON.
+
+    python benchmarks/bench_train_step.py [--repeats 5] [--threads 2] [--out benchmarks/results]
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from detrcore.bench import _common, train_step
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=",".join(train_step.VARIANTS))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    record = train_step.run(repeats=args.repeats, variants=args.variants.split(","))
+    print("wrote", _common.write_json(record, args.out / "train_step_cpu.json"))

@@ -1,0 +1,94 @@
+"""One training step (forward + loss + backward) per Deformable DETR variant on the CPU: detrcore vs HuggingFace
+transformers' DeformableDetrForObjectDetection with the same configuration, same run. transformers is a baseline
+installed in the benchmark environment only (plus Pillow, which its loss needs); never a detrcore dependency."""
+from __future__ import annotations
+
+import torch
+
+from detrcore.models import HungarianMatcher, LossWeights, ModelConfig, SetCriterion, build_model
+
+from ._common import machine, print_table, time_call
+
+VARIANTS = {"deformable": {}, "deformable-refine": {"with_box_refine": True},
+            "deformable-two-stage": {"with_box_refine": True, "two_stage": True}}
+# The official architecture (ResNet-50, d=256, 6+6 layers, FFN 1024, 300 queries, 4 levels, 4 points) on a
+# small batch: 2 images of 256 x 320 with 3 boxes each.
+BATCH, HEIGHT, WIDTH, NUM_CLASSES, BOXES = 2, 256, 320, 20, 3
+
+
+def make_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(BATCH, 3, HEIGHT, WIDTH, generator=g)
+    mask = torch.zeros(BATCH, HEIGHT, WIDTH, dtype=torch.bool)
+    mask[1, HEIGHT * 3 // 4 :], mask[1, :, WIDTH * 3 // 4 :] = True, True  # the second image is padded
+    targets = []
+    for _ in range(BATCH):
+        c = 0.2 + 0.6 * torch.rand(BOXES, 2, generator=g)
+        wh = 0.05 + 0.2 * torch.rand(BOXES, 2, generator=g)
+        targets.append({"labels": torch.randint(0, NUM_CLASSES, (BOXES,), generator=g), "boxes": torch.cat([c, wh], 1)})
+    return images, mask, targets
+
+
+def ours(variant: dict):
+    cfg = ModelConfig(num_classes=NUM_CLASSES, backbone="resnet50", **variant)
+    model = build_model(cfg).train()
+    crit = SetCriterion(NUM_CLASSES, HungarianMatcher(cost_class=2.0, focal=True), LossWeights(loss_ce=2.0),
+                        focal=True)
+    images, mask, targets = make_batch()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        crit(model(images, mask), targets)["loss"].backward()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def huggingface(variant: dict):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    cfg = DeformableDetrConfig(
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), num_labels=NUM_CLASSES,
+        d_model=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+        encoder_attention_heads=8, decoder_attention_heads=8, num_queries=300, num_feature_levels=4,
+        encoder_n_points=4, decoder_n_points=4, dropout=0.1, auxiliary_loss=True, disable_custom_kernels=True,
+        with_box_refine=variant.get("with_box_refine", False), two_stage=variant.get("two_stage", False),
+    )
+    model = DeformableDetrForObjectDetection(cfg).train()
+    images, mask, targets = make_batch()
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    pixel_mask = (~mask).long()  # HF: 1 on valid pixels
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss.backward()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def run(repeats: int = 5, variants=None) -> dict:
+    rows, records = [], []
+    for name in variants or VARIANTS:
+        torch.manual_seed(0)
+        our_step, our_params = ours(VARIANTS[name])
+        t_ours = time_call(our_step, repeats=repeats, min_time=0)
+        rec = {"variant": name, "ours_s": t_ours, "ours_params": our_params}
+        try:
+            hf_step, hf_params = huggingface(VARIANTS[name])
+            rec["transformers_s"] = time_call(hf_step, repeats=repeats, min_time=0)
+            rec["transformers_params"] = hf_params
+            rec["speedup"] = rec["transformers_s"] / t_ours
+        except ImportError as e:
+            rec["transformers_error"] = str(e)
+        records.append(rec)
+        rows.append([name, rec.get("transformers_s", ""), t_ours, rec.get("speedup", "")])
+    print(f"\ntraining step (forward + loss + backward), batch {BATCH} x {HEIGHT}x{WIDTH}, ResNet-50, "
+          f"{torch.get_num_threads()} threads, median of {repeats} (s)")
+    table = print_table(["variant", "transformers s", "detrcore s", "speedup"], rows)
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:
+        version = None
+    return {"benchmark": "train_step", "batch": [BATCH, 3, HEIGHT, WIDTH], "transformers": version,
+            "machine": machine(), "results": records, "table": table}
