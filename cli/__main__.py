@@ -1,0 +1,4 @@
+"""`python -m detrcore.cli ...` (what torchrun runs for multi-process training)."""
+from .main import main
+
+main()

@@ -1,0 +1,143 @@
+"""The training loop on tiny data: outputs, checkpoint round trip, exact resume, a killed run, DDP with gloo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from detrcore.engine.checkpoint import atomic_save, load_checkpoint
+from detrcore.engine.config import make_config
+from detrcore.engine.train import fit, lr_factor, param_groups
+from detrcore.models import ModelConfig, build_model
+from tests.engine.tiny_data import TINY_MODEL, write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def config(tiny, out, epochs=2, extra=()):
+    return make_config(None, [*TINY_MODEL, *extra], data=str(tiny), out=str(out), epochs=epochs, batch_size=2)
+
+
+def test_fit_writes_everything(tiny, tmp_path):
+    summary = fit(config(tiny, tmp_path / "run"), log=lambda *a: None)
+    run = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "eval.json", "curves.png", "predictions.png",
+                 "config.json"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert 0.0 <= summary["AP50"] <= 1.0 and len(summary["per_class"]) == 2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and lines[-1]["steps"] == 6
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["state"]["epoch"] == 2 and ckpt["state"]["step"] == 6
+    assert ckpt["classes"] == ["box", "hole"] and ckpt["label_to_category_id"] == [3, 7]
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after_epoch_1(msg):
+    if str(msg).startswith("epoch 1:"):
+        raise Crash
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
+    fit(config(tiny, tmp_path / "full", epochs=3), log=lambda *a: None)
+    with pytest.raises(Crash):  # the process dies after epoch 1's checkpoint
+        fit(config(tiny, tmp_path / "split", epochs=3), log=crash_after_epoch_1)
+    fit(config(tiny, tmp_path / "split", epochs=3), resume=True, log=lambda *a: None)
+    full, split = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert full["state"]["step"] == split["state"]["step"] == 9
+    for k, v in full["model"].items():
+        torch.testing.assert_close(split["model"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_killed_run_resumes_to_the_same_step_count(tiny, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "detrcore.cli", "train", "--data", str(tiny), "--out", str(out), "--epochs", "4",
+            "--batch-size", "1", *sum((["--set", s] for s in TINY_MODEL), [])]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(out / "last.pt")["state"]["epoch"]
+    assert 1 <= done < 4
+    assert subprocess.run(args + ["--resume"], capture_output=True).returncode == 0
+    final = load_checkpoint(out / "last.pt")["state"]
+    assert final["epoch"] == 4 and final["step"] == 4 * 6  # 6 images, batch 1
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"v": torch.ones(3)}, path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="nothing was overwritten"):
+        atomic_save({"v": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_crafted_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="not a loadable"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_param_groups_and_schedules():
+    cfg = make_config(None, [*TINY_MODEL, "model.arch=\"deformable_detr\""], epochs=10)
+    model = build_model(ModelConfig.from_dict({**cfg.model.to_dict(), "num_classes": 2}))
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["backbone"]["lr"] == pytest.approx(cfg.lr * 0.1)
+    assert groups["linear_proj"]["lr"] == pytest.approx(cfg.lr * 0.1) and groups["rest"]["lr"] == cfg.lr
+    assert lr_factor(cfg, 7 * 10, 10) == 1.0 and lr_factor(cfg, 8 * 10, 10) == pytest.approx(0.1)
+    cos = make_config(None, ["schedule=\"cosine\"", "warmup_epochs=5", "lr=3e-4", "warmup_lr=3e-6"], epochs=50)
+    assert lr_factor(cos, 0, 10) == pytest.approx(0.01)
+    assert lr_factor(cos, 50, 10) == pytest.approx(1.0)
+    assert lr_factor(cos, 500, 10) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key: model.hidden"):
+        make_config(None, ["model.hidden=3"])
+    with pytest.raises(ValueError, match="schedule"):
+        make_config(None, ["schedule=\"linear\""])
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(ValueError, match="epochz"):
+        make_config(str(bad))
+
+
+def test_ddp_two_processes_gloo(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            "-m", "detrcore.cli", "train", "--data", str(tiny), "--out", str(out), "--epochs", "1", "--batch-size", "1",
+            "--device", "cpu", *sum((["--set", s] for s in TINY_MODEL), [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["state"]["step"] == 3  # 6 images over 2 ranks, batch 1 each
+    assert (out / "eval.json").is_file()
