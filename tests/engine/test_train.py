@@ -141,3 +141,9 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["state"]["step"] == 3  # 6 images over 2 ranks, batch 1 each
     assert (out / "eval.json").is_file()
+
+
+def test_bf16_autocast_on_cpu(tiny, tmp_path):
+    summary = fit(config(tiny, tmp_path / "bf16", epochs=1, extra=["amp=\"bf16\"", "ema=true"]), log=lambda *a: None)
+    assert "AP50" in summary
+    assert load_checkpoint(tmp_path / "bf16" / "last.pt")["ema"]["updates"] == 3

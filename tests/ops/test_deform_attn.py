@@ -173,10 +173,21 @@ def test_bad_input_names_the_argument():
         ops.ms_deform_attn(value, ss, ls, loc.float(), aw)
     with pytest.raises(TypeError, match="spatial_shapes"):
         ops.ms_deform_attn(value, ss.double(), ls, loc, aw)
-    with pytest.raises(TypeError, match="CPU kernel"):
-        ops.ms_deform_attn(value.half(), ss, ls, loc.half(), aw.half())
     with pytest.raises(TypeError, match="attention_weights"):
         ops.ms_deform_attn(value, ss, ls, loc, aw.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_is_computed_in_float32(dtype):
+    value, ss, ls, loc, aw = make_inputs(dtype=torch.float32)
+    ins = [t.to(dtype).requires_grad_() for t in (value, loc, aw)]
+    out = ops.ms_deform_attn(ins[0], ss, ls, ins[1], ins[2])
+    assert out.dtype == dtype
+    want = reference.ms_deform_attn(*(t.detach().float() for t in ins[:1]), ss, ls, ins[1].detach().float(),
+                                    ins[2].detach().float())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype for t in ins)
 
 
 def test_native_entry_point_checks_everything():

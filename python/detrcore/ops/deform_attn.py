@@ -117,8 +117,6 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
     for name in ("sampling_locations", "attention_weights"):
         if named[name].device != value.device:
             raise ValueError(f"{name} must be on value's device {value.device}, got {named[name].device}")
-    if value.device.type == "cpu" and value.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"value: the CPU kernel runs float32 and float64, got {value.dtype}")
     B, S, H, _ = value.shape
     L = spatial_shapes.shape[0]
     if spatial_shapes.shape[1] != 2:
@@ -151,8 +149,8 @@ def ms_deform_attn(
     Returns:
         `[B, Q, H * D]`.
 
-    value, sampling_locations and attention_weights share one dtype and device (float32/float64 on the CPU;
-    float16/bfloat16/float32/float64 on CUDA). On the CPU, and when the level metadata is passed as CPU tensors
+    value, sampling_locations and attention_weights share one dtype and device (float16/bfloat16/float32/float64;
+    the CPU computes half precision in float32). On the CPU, and when the level metadata is passed as CPU tensors
     for CUDA values, S = sum(h * w) and the level starts are checked; metadata already on the GPU is not read back
     (that would synchronise), but every index the kernels touch is bounds-checked. The CUDA backward is bitwise
     deterministic when `torch.use_deterministic_algorithms(True)` is set.
@@ -168,6 +166,11 @@ def ms_deform_attn(
         raise ValueError(
             f"spatial_shapes and level_start_index must be on value's device {value.device} (or on the CPU)"
         )
+    if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
+        # The CPU kernels run float32/float64: half precision (e.g. under CPU autocast) is computed in float32.
+        out = _ms_deform_attn(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
+                              attention_weights.float())
+        return out.to(value.dtype)
     return _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
