@@ -123,15 +123,6 @@ __global__ void inverse_sigmoid_bwd_kernel(const T* grad, const T* x, T* grad_x,
     store(grad_x + i, boxmath::inverse_sigmoid_grad<A>(load<A>(x + i), A(eps), load<A>(grad + i)));
 }
 
-template <typename T>
-const T* cp(const void* p) {
-  return static_cast<const T*>(p);
-}
-template <typename T>
-T* mp(void* p) {
-  return static_cast<T*>(p);
-}
-cudaStream_t st(void* s) { return static_cast<cudaStream_t>(s); }
 
 }  // namespace
 }  // namespace cuda

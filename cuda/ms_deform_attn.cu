@@ -339,15 +339,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-const T* cp(const void* p) {
-  return static_cast<const T*>(p);
-}
-template <typename T>
-T* mp(void* p) {
-  return static_cast<T*>(p);
-}
-cudaStream_t st(void* s) { return static_cast<cudaStream_t>(s); }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Levels in shared memory when few enough; the dynamic shared-memory size to launch with.

@@ -46,6 +46,17 @@ __device__ __forceinline__ void store<__nv_bfloat16, float>(__nv_bfloat16* p, fl
   *p = __float2bfloat16_rn(v);
 }
 
+// Typed views of the untyped pointers the host entry points receive, and the stream handle.
+template <typename T>
+inline const T* cp(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+inline T* mp(void* p) {
+  return static_cast<T*>(p);
+}
+inline cudaStream_t st(void* s) { return static_cast<cudaStream_t>(s); }
+
 // Calls f(T{}) with T the storage type of dt; returns cudaErrorInvalidValue for other dtypes.
 template <typename F>
 int dispatch_floating(DType dt, F&& f) {

@@ -147,3 +147,15 @@ def test_bf16_autocast_on_cpu(tiny, tmp_path):
     summary = fit(config(tiny, tmp_path / "bf16", epochs=1, extra=["amp=\"bf16\"", "ema=true"]), log=lambda *a: None)
     assert "AP50" in summary
     assert load_checkpoint(tmp_path / "bf16" / "last.pt")["ema"]["updates"] == 3
+
+
+def test_progress_bar_shows_rate_and_eta(capsys, monkeypatch):
+    from detrcore.engine import distributed
+
+    monkeypatch.setattr(distributed.sys.stderr, "isatty", lambda: True, raising=False)
+    bar = distributed.progress(total=4, desc="epoch 1/1", min_interval=0.0)
+    for _ in range(4):
+        bar.update(1, loss=1.5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "it/s" in err and "ETA" in err and "loss 1.5" in err

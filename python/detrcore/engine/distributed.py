@@ -88,8 +88,11 @@ class progress:
     """A one-line progress bar on stderr (rank 0 only): done/total, rate, ETA and the latest values."""
 
     def __init__(self, total: int, desc: str = "", min_interval: float = 0.5):
-        self.total, self.desc, self.min_interval = total, desc, min_interval
-        self.n, self.start, self.last = 0, time.time(), 0.0
+        self.total, self.desc = total, desc
+        self.tty = sys.stderr.isatty()
+        # Into a log file: a full line every 30 s instead of redrawing one line.
+        self.min_interval = min_interval if self.tty else 30.0
+        self.n, self.start, self.last = 0, time.time(), time.time() if not self.tty else 0.0
         self.enabled = is_main()
         self.values: dict = {}
 
@@ -97,7 +100,7 @@ class progress:
         self.n += k
         self.values = values
         now = time.time()
-        if self.enabled and (now - self.last >= self.min_interval or self.n == self.total):
+        if self.enabled and (now - self.last >= self.min_interval or (self.tty and self.n == self.total)):
             self.last = now
             self._draw(now)
 
@@ -108,13 +111,13 @@ class progress:
         width = 24
         filled = int(width * self.n / max(self.total, 1))
         vals = " ".join(f"{k} {v:.4g}" for k, v in self.values.items())
-        line = (f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} "
+        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} "
                 f"{rate:.2f} it/s ETA {_fmt(eta)} {vals}")
-        sys.stderr.write(line[:160].ljust(80))
+        sys.stderr.write("\r" + line[:160].ljust(80) if self.tty else line + "\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled and self.n:
+        if self.enabled and self.n and self.tty:
             self._draw(time.time())
             sys.stderr.write("\n")
             sys.stderr.flush()
