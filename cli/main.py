@@ -18,7 +18,7 @@ MODEL_PRESETS = {
     "deformable-two-stage": {"two_stage": True},
     "detr": {"arch": "detr", "with_box_refine": False, "num_queries": 50, "dropout": 0.1},
     "detr-dc5": {"arch": "detr", "with_box_refine": False, "num_queries": 50, "dropout": 0.1,
-                 "backbone": "resnet50", "backbone_weights": None, "dilation": True, "train_backbone": True},
+                 "backbone": "resnet18", "backbone_weights": None, "dilation": True, "train_backbone": True},
 }
 
 
@@ -170,6 +170,68 @@ def predict(checkpoint, images, out, threshold) -> None:
         tmp = out_dir / "detections.json.tmp"
         tmp.write_text(json.dumps(records, indent=2))
         os.replace(tmp, out_dir / "detections.json")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(e)
+
+
+@main.command(name="compare")
+@click.option("--data", type=click.Path(), default=None, help="Dataset (default: the bundled data).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs per variant (default: the config's).")
+@click.option("--models", default="detr,detr-dc5,deformable,deformable-refine,deformable-two-stage",
+              show_default=True, help="Comma-separated variants.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (all variants).")
+def compare_cmd(data, epochs, models, out, config_file, overrides) -> None:
+    """Train and evaluate several variants with the same data, schedule, image size and seed; write
+    compare.md, compare.csv and compare.png (AP50 and loss curves). A finished variant is not trained again."""
+    from detrcore.engine.compare import VARIANTS, compare
+    from detrcore.engine.config import make_config
+    from detrcore.engine.train import NonFiniteLoss
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}",
+                                 param_hint="--models")
+    try:
+        base = make_config(config_file, list(overrides), data=data, epochs=epochs)
+        compare(base, names, out, log=click.echo)
+    except (ValueError, FileNotFoundError, NonFiniteLoss, OSError) as e:
+        _fail(e)
+
+
+@main.group()
+def visualize() -> None:
+    """Pictures of what a trained model does."""
+
+
+@visualize.command(name="attention")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--image", required=True, type=click.Path(dir_okay=False))
+@click.option("--queries", type=click.IntRange(1, 50), default=5, show_default=True, help="Top-scoring queries drawn.")
+@click.option("--out", type=click.Path(dir_okay=False), default="attention.png", show_default=True)
+def visualize_attention(checkpoint, image, queries, out) -> None:
+    """Draw the last decoder layer's deformable sampling points of the top queries, coloured by attention
+    weight, one panel per feature level (Deformable DETR checkpoints)."""
+    import torch
+
+    from detrcore.data import eval_transforms, load_image
+    from detrcore.data.collate import collate as collate_batch
+    from detrcore.engine.data_setup import backbone_normalization
+    from detrcore.engine.visualize import attention_picture
+
+    try:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+        model, cfg, _ = _load_run(checkpoint)
+        raw = load_image(image)
+        transform = eval_transforms(backbone_normalization(cfg.model.backbone), cfg.eval_size, cfg.max_size)
+        x, _ = transform(raw, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
+        batch, mask, _ = collate_batch([(x, {})])
+        drawn = attention_picture(model, raw, batch, mask, out, queries)
+        click.echo(f"wrote {out}: queries {drawn['queries']} (scores "
+                   f"{', '.join(f'{s:.2f}' for s in drawn['scores'])}), {drawn['levels']} levels")
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(e)
 

@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap (for smoke runs)
     visualize: int = 6  # validation images in the prediction grid PNG (0: none)
     nonfinite: str = "stop"  # a non-finite loss: "stop" the run, or "skip" the step
+    diagnostics: bool = False  # per-group weight/gradient histogram PNGs and per-step gradient norms
 
     def __post_init__(self):
         check = {

@@ -126,7 +126,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, ema, cfg: TrainConfig, state: RunState,
-                    device, epoch: int, log) -> dict:
+                    device, epoch: int, log, diag=None) -> dict:
     model.train()
     criterion.train()
     totals: dict[str, float] = {}
@@ -161,6 +161,13 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, ema,
             grad_norm = None
             if cfg.clip_max_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+            if diag is not None:
+                if grad_norm is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                diag.log_step({"epoch": epoch + 1, "step": state.step + 1, "loss": float(loss.detach()),
+                               "grad_norm": float(grad_norm), "lr": optimizer.param_groups[-1]["lr"]})  # SYNC
+                if last:  # the epoch's last step: gradient distributions before the update
+                    diag.capture(dist.unwrap(model), "gradients", epoch + 1)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -266,12 +273,20 @@ def fit(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             f"parameters) on {len(train_set)} images, validating on {len(val_set)}, {cfg.epochs} epochs, "
             f"device {device}, {torch.get_num_threads()} threads -> {out}")
 
+    diag = None
+    if cfg.diagnostics and main:
+        from .diagnostics import Diagnostics
+
+        diag = Diagnostics(out)
     summary = None
     for epoch in range(state.epoch, cfg.epochs):
         dist.set_epoch(train_loader, epoch, cfg.seed)
         t0 = time.time()
         stats = train_one_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler, ema, cfg, state,
-                                device, epoch, log)
+                                device, epoch, log, diag)
+        if diag is not None:
+            diag.capture(model, "weights", epoch + 1)
+            diag.write()
         stats["epoch"], stats["lr"], stats["epoch_seconds"] = epoch + 1, optimizer.param_groups[-1]["lr"], time.time() - t0
         stats["steps"] = state.step
         last_epoch = epoch + 1 == cfg.epochs

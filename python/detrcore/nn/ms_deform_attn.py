@@ -35,6 +35,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        self.record_sampling = False  # keep the last call's (sampling_locations, attention_weights), for pictures
+        self.last_sampling: tuple[Tensor, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,6 +102,8 @@ class MSDeformAttn(nn.Module):
         else:
             ref = reference_points[:, :, None, :, None, :]  # [B, Q, 1, L, 1, 4]
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5  # [B, Q, H, L, P, 2]
+        if self.record_sampling:
+            self.last_sampling = (locations.detach(), weights.detach())
         # Under autocast the projections may run in half precision while softmax and the reference points stay
         # float32: the op takes one dtype, value's.
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
