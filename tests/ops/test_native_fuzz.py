@@ -1,0 +1,117 @@
+"""Fuzzing the native boundary: every `detrcore._C` entry point driven with random shapes (zero-size dimensions
+included), dtypes, strides and values (NaN, inf, huge, out-of-range metadata). Any input must either work or raise
+TypeError / ValueError / RuntimeError; a crash would take this test process down."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detrcore import _C
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.bool,
+          torch.uint8]
+ALLOWED = (TypeError, ValueError, RuntimeError)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def tensors(draw, max_dims=6):
+    ndim = draw(st.integers(0, max_dims))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from(DTYPES))
+    fill = draw(st.sampled_from(["rand", "nan", "inf", "huge", "neg"]))
+    t = torch.rand(shape) * 2 - 0.5
+    if fill == "nan" and t.numel():
+        t.view(-1)[0] = float("nan")
+    elif fill == "inf" and t.numel():
+        t.view(-1)[-1] = float("inf")
+    elif fill == "huge":
+        t = t * 1e30
+    elif fill == "neg":
+        t = -t * 7
+    t = t.to(dtype) if dtype.is_floating_point else t.clamp(-5, 5).nan_to_num().to(dtype)
+    if ndim >= 2 and draw(st.booleans()):
+        t = t.transpose(0, -1)  # non-contiguous
+    return t
+
+
+def call(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except ALLOWED:
+        pass
+
+
+@SETTINGS
+@given(a=tensors(), b=tensors(), c=tensors(), kind=st.integers(-1, 4), giou=st.booleans())
+def test_box_entry_points_never_crash(a, b, c, kind, giou):
+    call(_C.box_map, a, b, kind)
+    call(_C.box_pairwise, a, b, c, giou)
+    call(_C.giou_loss, a, b, c)
+    call(_C.inverse_sigmoid, a, b, 1e-5)
+    call(_C.inverse_sigmoid_backward, a, b, c, 1e-5)
+    call(_C.box_pairwise_backward, c, a, b, a.clone(), b.clone(), giou)
+    call(_C.giou_loss_backward, c, a, b, a.clone(), b.clone())
+
+
+@SETTINGS
+@given(data=st.data())
+def test_box_entry_points_with_well_formed_shapes(data):
+    """Shapes that pass the checks (so the kernels run) with hostile values and zero-size dimensions."""
+    B, N, M = (data.draw(st.integers(0, 3)) for _ in range(3))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    vals = data.draw(st.sampled_from([0.0, float("nan"), float("inf"), -1e38, 1e-45]))
+    a = torch.rand(B, N, 4, dtype=dtype)
+    b = torch.rand(B, M, 4, dtype=dtype)
+    if a.numel():
+        a.view(-1)[0] = vals
+    out = torch.empty(B, N, M, dtype=dtype)
+    _C.box_pairwise(a, b, out, True)
+    ga, gb = torch.empty_like(a), torch.empty_like(b)
+    _C.box_pairwise_backward(torch.randn(B, N, M, dtype=dtype), a, b, ga, gb, True, num_threads=3)
+    x = torch.rand(N * 4, dtype=dtype)
+    _C.inverse_sigmoid(x, torch.empty_like(x), 1e-5)
+
+
+@SETTINGS
+@given(cost=tensors(max_dims=3), maximize=st.booleans())
+def test_assignment_never_crashes(cost, maximize):
+    call(_C.linear_sum_assignment, cost, maximize)
+    call(_C.linear_sum_assignment, cost.numpy() if cost.dtype not in (torch.bfloat16,) else cost, maximize)
+    call(_C.batched_linear_sum_assignment, [cost, cost], maximize, num_threads=2)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_msda_entry_points_never_crash(data):
+    B, H, D, Q, L, P = (data.draw(st.integers(0, 3)) for _ in range(6))
+    pairs = data.draw(st.lists(st.tuples(st.integers(-2, 4), st.integers(-2, 4)), min_size=L, max_size=L))
+    shapes = torch.tensor(pairs, dtype=torch.int64).reshape(L, 2) if pairs else torch.zeros(0, 2, dtype=torch.int64)
+    starts = torch.tensor(data.draw(st.lists(st.integers(-3, 40), min_size=L, max_size=L)), dtype=torch.int64)
+    S = data.draw(st.integers(0, 40))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]))
+    value = torch.randn(B, S, H, D).to(dtype)
+    loc = (torch.rand(B, Q, H, L, P, 2) * data.draw(st.sampled_from([1.0, 3.0, float("nan"), float("inf")]))).to(dtype)
+    aw = torch.rand(B, Q, H, L, P).to(dtype)
+    out = torch.empty(B, Q, H * D, dtype=dtype)
+    call(_C.ms_deform_attn_forward, value, shapes, starts, loc, aw, out)
+    gv, gl, ga = torch.empty_like(value), torch.empty_like(loc), torch.empty_like(aw)
+    call(_C.ms_deform_attn_backward, value, shapes, starts, loc, aw, out, gv, gl, ga)
+    call(_C.ms_deform_attn_workspace_bytes, value, shapes, starts, loc, aw, True)
+    # garbage in any position
+    junk = data.draw(tensors())
+    position = data.draw(st.integers(0, 5))
+    args = [value, shapes, starts, loc, aw, out]
+    args[position] = junk
+    call(_C.ms_deform_attn_forward, *args)
+
+
+@pytest.mark.parametrize("bad", [None, "text", 3, [1.0, 2.0], object(), np.zeros((2, 2), dtype=object)])
+def test_non_tensors_are_type_errors(bad):
+    t = torch.zeros(1, 2, 4)
+    with pytest.raises(TypeError):
+        _C.box_pairwise(bad, t, torch.empty(1, 2, 2), True)
+    with pytest.raises((TypeError, ValueError)):
+        _C.linear_sum_assignment(bad, False)
+    call(_C.inspect, bad)  # reports what it sees, or raises
