@@ -159,3 +159,30 @@ def test_progress_bar_shows_rate_and_eta(capsys, monkeypatch):
     bar.close()
     err = capsys.readouterr().err
     assert "4/4" in err and "it/s" in err and "ETA" in err and "loss 1.5" in err
+
+
+def test_non_finite_loss_stops_or_skips(tiny, tmp_path, monkeypatch):
+    import detrcore.engine.train as train_mod
+
+    real = train_mod.SetCriterion
+
+    class NaNOnSecondCall(real):
+        calls = 0
+
+        def forward(self, outputs, targets):
+            losses = super().forward(outputs, targets)
+            type(self).calls += 1
+            if type(self).calls == 2:
+                losses["loss_giou"] = losses["loss_giou"] * float("nan")
+                losses["loss"] = losses["loss"] * float("nan")
+            return losses
+
+    monkeypatch.setattr(train_mod, "SetCriterion", NaNOnSecondCall)
+    with pytest.raises(train_mod.NonFiniteLoss, match=r"step 1, batch 1: loss_giou"):
+        fit(config(tiny, tmp_path / "stop", epochs=1), log=lambda *a: None)
+    NaNOnSecondCall.calls = 0
+    messages = []
+    fit(config(tiny, tmp_path / "skip", epochs=1, extra=["nonfinite=\"skip\""]), log=messages.append)
+    ckpt = load_checkpoint(tmp_path / "skip" / "last.pt")
+    assert ckpt["state"]["step"] == 2 and ckpt["state"]["history"][0]["skipped_steps"] == 1
+    assert any("step skipped" in str(m) for m in messages)
