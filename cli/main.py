@@ -92,7 +92,6 @@ def _load_run(checkpoint: str):
 @click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True)
 def eval_cmd(checkpoint, data, split, out, batch_size) -> None:
     """Evaluate a checkpoint with pycocotools: AP, AP50, AP75, AP by size, AR and per-class AP."""
-    import torch
 
     from detrcore.data import CocoDetection, eval_transforms
     from detrcore.engine.data_setup import backbone_normalization, make_loader, resolve_splits
@@ -134,7 +133,6 @@ def predict(checkpoint, images, out, threshold) -> None:
 
     from detrcore.data import eval_transforms, load_image
     from detrcore.data.collate import collate as collate_batch
-    from detrcore.engine.checkpoint import atomic_save  # noqa: F401  (atomic writes below)
     from detrcore.engine.data_setup import backbone_normalization
     from detrcore.engine.plots import draw_detections
     from detrcore.models import PostProcess

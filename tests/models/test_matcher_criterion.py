@@ -1,5 +1,4 @@
 """HungarianMatcher, SetCriterion and PostProcess."""
-import numpy as np
 import pytest
 import scipy.optimize
 import torch

@@ -11,7 +11,6 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
