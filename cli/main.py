@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -131,6 +130,7 @@ def predict(checkpoint, images, out, threshold) -> None:
     """Detect objects in IMAGES: one PNG per image with the boxes drawn, and detections.json."""
     import torch
 
+    from detrcore._io import atomic_path, write_text_atomic
     from detrcore.data import eval_transforms, load_image
     from detrcore.data.collate import collate as collate_batch
     from detrcore.engine.data_setup import backbone_normalization
@@ -158,16 +158,13 @@ def predict(checkpoint, images, out, threshold) -> None:
             boxes, labels, scores = result["boxes"][keep], result["labels"][keep], result["scores"][keep]
             picture = draw_detections(raw, boxes, labels, scores, names)
             target = out_dir / (Path(path).stem + ".png")
-            tmp = target.with_suffix(".png.tmp")
-            picture.save(tmp, format="PNG")
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                picture.save(tmp, format="PNG")
             records.append({"image": str(path), "width": int(w), "height": int(h), "detections": [
                 {"box_xyxy": [round(float(v), 2) for v in b], "label": names[int(l)], "score": round(float(s), 4)}
                 for b, l, s in zip(boxes, labels, scores)]})
             click.echo(f"{path}: {int(keep.sum())} detections -> {target}")
-        tmp = out_dir / "detections.json.tmp"
-        tmp.write_text(json.dumps(records, indent=2))
-        os.replace(tmp, out_dir / "detections.json")
+        write_text_atomic(out_dir / "detections.json", json.dumps(records, indent=2))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(e)
 

@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from detrcore._io import write_text_atomic
 
 
 def time_call(fn: Callable[[], object], repeats: int = 7, min_time: float = 0.05, sync: bool = False) -> float:
@@ -79,15 +80,4 @@ def _fmt(c) -> str:
 
 def write_json(record: dict, path: str | os.PathLike) -> Path:
     """Writes the record atomically (temp file + rename) and returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(record, indent=2) + "\n")

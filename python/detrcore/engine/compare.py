@@ -10,9 +10,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
+
+from detrcore._io import atomic_path, write_text_atomic
 
 from .config import TrainConfig
 
@@ -68,12 +69,12 @@ def compare(base: TrainConfig, variants: list[str], out: str | os.PathLike, log=
             result = {"variant": name, "summary": summary, "train_seconds": seconds,
                       "wall_seconds": time.time() - t0, "images_per_second": images * cfg.epochs / max(seconds, 1e-9),
                       "parameters": params["total"], "trainable_parameters": params["trainable"]}
-            _write_text(result_path, json.dumps(result, indent=2))
+            write_text_atomic(result_path, json.dumps(result, indent=2))
         result = json.loads(result_path.read_text())
         result["history"] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         rows.append(result)
-    _write_text(out / "compare.md", markdown_table(rows))
-    _write_text(out / "compare.csv", csv_table(rows))
+    write_text_atomic(out / "compare.md", markdown_table(rows))
+    write_text_atomic(out / "compare.csv", csv_table(rows))
     plot_comparison(rows, out / "compare.png")
     log(markdown_table(rows))
     return rows
@@ -154,14 +155,5 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from detrcore._io import atomic_path, write_text_atomic
 
 GROUPS = ["backbone", "encoder attention", "encoder ffn", "decoder attention", "decoder ffn", "heads", "other"]
 BINS, LO, HI = 60, -10.0, 2.0  # histogram of log10 |x|
@@ -66,7 +67,7 @@ class Diagnostics:
         for kind, recs in self.records.items():
             if recs:
                 _plot(kind, recs, self.out / f"{kind}.png")
-        _atomic_text(self.out / "histograms.json", json.dumps(self.records))
+        write_text_atomic(self.out / "histograms.json", json.dumps(self.records))
 
 
 def _plot(kind: str, recs: list, path: Path) -> None:
@@ -93,14 +94,5 @@ def _plot(kind: str, recs: list, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{kind} per layer group, epochs {min(epochs)}..{max(epochs)} (dark -> light)", fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)

@@ -16,12 +16,12 @@ import copy
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from detrcore._io import atomic_path as _atomic_path
 
 # Names of COCOeval.stats, in order (area ranges: small < 32^2 <= medium < 96^2 <= large pixels).
 STAT_NAMES = (
@@ -49,26 +49,6 @@ def _quiet(verbose: bool) -> Iterator[None]:
     else:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path beside `path`; once the body succeeds it replaces `path` in one `os.replace`.
-
-    On failure the temporary file is removed and `path` is left as it was. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _as_numpy(x, dtype) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .evaluate import _atomic_path
+from detrcore._io import atomic_path as _atomic_path
 
 # Keys read from each epoch's dict by plot_curves; the first key present (and finite) wins.
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")

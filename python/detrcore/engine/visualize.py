@@ -6,10 +6,10 @@ For each feature level one panel shows the image, each query's predicted box, an
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
+
+from detrcore._io import atomic_path
 
 
 @torch.no_grad()
@@ -58,10 +58,6 @@ def attention_picture(model, image: torch.Tensor, batch: torch.Tensor, mask: tor
     fig.suptitle(f"last decoder layer: sampling points of the top {k} queries (colour/size = attention weight)",
                  fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return {"queries": top.tolist(), "scores": scores[top].tolist(), "levels": L}
