@@ -132,7 +132,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_ddp_two_processes_gloo(tiny, tmp_path):
     out = tmp_path / "ddp"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "detrcore.cli", "train", "--data", str(tiny), "--out", str(out), "--epochs", "1", "--batch-size", "1",
             "--device", "cpu", *sum((["--set", s] for s in TINY_MODEL), [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
