@@ -83,6 +83,22 @@ def _load_run(checkpoint: str):
     return model.eval(), cfg, ckpt
 
 
+def _image_batch(path: str, cfg):
+    """(the image [3, H, W] in [0, 1], the model's input batch [1, 3, h, w], its mask) for one image file."""
+    import torch
+
+    from detrcore.data import collate, eval_transforms, load_image
+    from detrcore.engine.data_setup import backbone_normalization
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    raw = load_image(path)
+    transform = eval_transforms(backbone_normalization(cfg.model.backbone), cfg.eval_size, cfg.max_size)
+    x, _ = transform(raw, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
+    batch, mask, _ = collate([(x, {})])
+    return raw, batch, mask
+
+
 @main.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), default=None, help="Dataset to evaluate (default: the run's own data).")
@@ -131,27 +147,19 @@ def predict(checkpoint, images, out, threshold) -> None:
     import torch
 
     from detrcore._io import atomic_path, write_text_atomic
-    from detrcore.data import eval_transforms, load_image
-    from detrcore.data.collate import collate as collate_batch
-    from detrcore.engine.data_setup import backbone_normalization
     from detrcore.engine.plots import draw_detections
     from detrcore.models import PostProcess
 
     try:
         model, cfg, ckpt = _load_run(checkpoint)
         names = ckpt.get("classes") or [str(i) for i in range(cfg.model.num_classes)]
-        transform = eval_transforms(backbone_normalization(cfg.model.backbone), cfg.eval_size, cfg.max_size)
         post = PostProcess(focal=cfg.model.focal)
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         records = []
         for path in images:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"image not found: {path}")
-            raw = load_image(path)  # [3, H, W] in [0, 1]
+            raw, batch, mask = _image_batch(path, cfg)
             h, w = raw.shape[-2:]
-            x, _ = transform(raw, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
-            batch, mask, _ = collate_batch([(x, {})])
             with torch.no_grad():
                 result = post(model(batch, mask), torch.tensor([[h, w]]))[0]
             keep = result["scores"] >= threshold
@@ -209,21 +217,13 @@ def visualize() -> None:
 def visualize_attention(checkpoint, image, queries, out) -> None:
     """Draw the last decoder layer's deformable sampling points of the top queries, coloured by attention
     weight, one panel per feature level (Deformable DETR checkpoints)."""
-    import torch
-
-    from detrcore.data import eval_transforms, load_image
-    from detrcore.data.collate import collate as collate_batch
-    from detrcore.engine.data_setup import backbone_normalization
     from detrcore.engine.visualize import attention_picture
 
     try:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image not found: {image}")
         model, cfg, _ = _load_run(checkpoint)
-        raw = load_image(image)
-        transform = eval_transforms(backbone_normalization(cfg.model.backbone), cfg.eval_size, cfg.max_size)
-        x, _ = transform(raw, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
-        batch, mask, _ = collate_batch([(x, {})])
+        raw, batch, mask = _image_batch(image, cfg)
         drawn = attention_picture(model, raw, batch, mask, out, queries)
         click.echo(f"wrote {out}: queries {drawn['queries']} (scores "
                    f"{', '.join(f'{s:.2f}' for s in drawn['scores'])}), {drawn['levels']} levels")
