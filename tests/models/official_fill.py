@@ -35,10 +35,6 @@ def fill_value(key: str, shape, dtype: torch.dtype = torch.float64) -> torch.Ten
     return x.to(dtype)
 
 
-def fill_state_dict(keys_and_shapes, dtype: torch.dtype = torch.float64) -> dict:
-    return {k: fill_value(k, s, dtype) for k, s in keys_and_shapes}
-
-
 def official_input():
     """The parity input: two float32 images, the second padded bottom-right (64x96 inside 96x128, so even the
     stride-32 level of a ResNet-50 has padding). Returns ([img0, img1], images [2, 3, 96, 128], mask [2, 96, 128]

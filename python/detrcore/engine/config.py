@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,3 @@ def _merge(base: dict, new: dict, prefix: str) -> None:
         else:
             base[k] = v
 
-
-def as_plain(obj) -> Any:
-    return asdict(obj) if is_dataclass(obj) else obj
