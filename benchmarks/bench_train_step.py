@@ -2,7 +2,7 @@
 transformers' DeformableDetrForObjectDetection with the same configuration (pip install transformers pillow in
 the benchmark environment). Prints a table, writes JSON.
 
-    python benchmarks/bench_train_step.py [--repeats 5] [--threads 2] [--out benchmarks/results]
+    python benchmarks/bench_train_step.py [--repeats 7] [--threads 2] [--out benchmarks/results]
 """
 import argparse
 from pathlib import Path
@@ -13,7 +13,7 @@ from detrcore.bench import _common, train_step
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(train_step.VARIANTS))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

@@ -9,6 +9,7 @@
 
 #include "assignment.h"
 #include "box_ops.h"
+#include "dropout.h"
 #include "ms_deform_attn.h"
 #include "parallel.h"
 #include "tensor.h"
@@ -366,6 +367,59 @@ void inverse_sigmoid_backward(py::handle grad_, py::handle x_, py::handle gx_, d
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Dropout (CPU only: on CUDA, torch's own fused dropout is used by the Python layer).
+struct DropoutParams {
+  uint32_t threshold;
+  double scale;
+};
+DropoutParams dropout_params(const View& ref, double p) {
+  if (ref.device != DeviceKind::cpu)
+    throw ValueError("detrcore dropout: " + arg(ref) + " must be a CPU tensor (CUDA tensors use torch's dropout)");
+  if (!(p >= 0.0 && p < 1.0)) throw ValueError("dropout: p must be in [0, 1), got " + std::to_string(p));
+  const double t = p * 4294967296.0;  // drop when the 32-bit draw < t
+  return {t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t + 0.5), 1.0 / (1.0 - p)};
+}
+
+void dropout(py::handle x_, py::handle y_, int64_t seed, double p, bool relu, int num_threads) {
+  Arg x(x_, "input"), y(y_, "out");
+  check_group({&x.v}, {&y.v});
+  check_same_shape(x.v, y.v);
+  const DropoutParams d = dropout_params(x.v, p);
+  const int64_t n = x.v.numel();
+  dispatch("dropout", x.v, [&](auto t) {
+    using T = decltype(t);
+    dropout_cpu<T>(x.v.ptr<T>(), y.v.ptr<T>(), n, static_cast<uint64_t>(seed), d.threshold, T(d.scale), relu,
+                   threads_arg(num_threads));
+  }, [] { return 0; });
+}
+
+void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, int num_threads) {
+  Arg grad(grad_, "grad"), gx(gx_, "grad_input");
+  check_group({&grad.v}, {&gx.v});
+  check_same_shape(grad.v, gx.v);
+  const DropoutParams d = dropout_params(grad.v, p);
+  const int64_t n = grad.v.numel();
+  dispatch("dropout_backward", grad.v, [&](auto t) {
+    using T = decltype(t);
+    dropout_bwd_cpu<T>(grad.v.ptr<T>(), gx.v.ptr<T>(), n, static_cast<uint64_t>(seed), d.threshold, T(d.scale),
+                       threads_arg(num_threads));
+  }, [] { return 0; });
+}
+
+void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, double p, int num_threads) {
+  Arg grad(grad_, "grad"), y(y_, "output"), gx(gx_, "grad_input");
+  check_group({&grad.v, &y.v}, {&gx.v});
+  check_same_shape(grad.v, y.v);
+  check_same_shape(grad.v, gx.v);
+  const DropoutParams d = dropout_params(grad.v, p);
+  const int64_t n = grad.v.numel();
+  dispatch("relu_dropout_backward", grad.v, [&](auto t) {
+    using T = decltype(t);
+    relu_dropout_bwd_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), n, T(d.scale), threads_arg(num_threads));
+  }, [] { return 0; });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Multi-scale deformable attention.
 struct MsdaArgs {
   Arg value, shapes, starts, loc, attn;
@@ -682,6 +736,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("inverse_sigmoid", &inverse_sigmoid, py::arg("x"), py::arg("out"), py::arg("eps"), nt, s);
   m.def("inverse_sigmoid_backward", &inverse_sigmoid_backward, py::arg("grad"), py::arg("x"), py::arg("grad_x"),
         py::arg("eps"), nt, s);
+  m.def("dropout", &dropout, py::arg("input"), py::arg("out"), py::arg("seed"), py::arg("p"), py::arg("relu"), nt,
+        "CPU dropout (optionally after ReLU) from a counter-based stream: out = keep * scale * input.");
+  m.def("dropout_backward", &dropout_backward, py::arg("grad"), py::arg("grad_input"), py::arg("seed"), py::arg("p"),
+        nt, "The dropout mask regenerated from `seed`: grad_input = keep * scale * grad.");
+  m.def("relu_dropout_backward", &relu_dropout_backward, py::arg("grad"), py::arg("output"), py::arg("grad_input"),
+        py::arg("p"), nt, "grad_input = output > 0 ? scale * grad : 0.");
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),
         py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("out"),
         nt, s, "Multi-scale deformable attention forward: out [B, Q, H*D].");

@@ -3,11 +3,14 @@ transformers' DeformableDetrForObjectDetection with the same configuration, same
 installed in the benchmark environment only (plus Pillow, which its loss needs); never a detrcore dependency."""
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from detrcore.models import HungarianMatcher, LossWeights, ModelConfig, SetCriterion, build_model
 
-from ._common import machine, print_table, time_call
+from ._common import machine, print_table
 
 VARIANTS = {"deformable": {}, "deformable-refine": {"with_box_refine": True},
             "deformable-two-stage": {"with_box_refine": True, "two_stage": True}}
@@ -50,10 +53,18 @@ def huggingface(variant: dict):
         backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]), num_labels=NUM_CLASSES,
         d_model=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
         encoder_attention_heads=8, decoder_attention_heads=8, num_queries=300, num_feature_levels=4,
-        encoder_n_points=4, decoder_n_points=4, dropout=0.1, auxiliary_loss=True, disable_custom_kernels=True,
+        encoder_n_points=4, decoder_n_points=4, auxiliary_loss=True, disable_custom_kernels=True,
+        # The official recipe (and ours) drops out 0.1 everywhere, the FFN activations and the decoder's
+        # self-attention weights included; transformers defaults those two to 0.0.
+        dropout=0.1, activation_dropout=0.1, attention_dropout=0.1,
         with_box_refine=variant.get("with_box_refine", False), two_stage=variant.get("two_stage", False),
     )
     model = DeformableDetrForObjectDetection(cfg).train()
+    # The official recipe trains ResNet layer2..4 (lr_backbone > 0). transformers means to do the same but tests
+    # parameter names for "stage.1".."stage.3" while its ResNet names them "stages.1"..: its whole backbone ends
+    # up frozen. Train the same stages as ours so both steps do the same work.
+    for name, param in model.model.backbone.model.named_parameters():
+        param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
     images, mask, targets = make_batch()
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     pixel_mask = (~mask).long()  # HF: 1 on valid pixels
@@ -65,25 +76,45 @@ def huggingface(variant: dict):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def run(repeats: int = 5, variants=None) -> dict:
+def _interleaved(steps: dict, repeats: int) -> dict:
+    """Times the steps round-robin (one call each per round, after one warm-up call each): slow drifts of a shared
+    machine hit both alike. Returns per-step median seconds and the median of the per-round ratios."""
+    for step in steps.values():
+        step()
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def run(repeats: int = 7, variants=None) -> dict:
     rows, records = [], []
     for name in variants or VARIANTS:
         torch.manual_seed(0)
-        our_step, our_params = ours(VARIANTS[name])
-        t_ours = time_call(our_step, repeats=repeats, min_time=0)
-        rec = {"variant": name, "ours_s": t_ours, "ours_params": our_params}
+        steps, rec = {}, {"variant": name}
+        steps["ours"], rec["ours_params"] = ours(VARIANTS[name])
         try:
-            hf_step, hf_params = huggingface(VARIANTS[name])
-            rec["transformers_s"] = time_call(hf_step, repeats=repeats, min_time=0)
-            rec["transformers_params"] = hf_params
-            rec["speedup"] = rec["transformers_s"] / t_ours
+            steps["transformers"], rec["transformers_params"] = huggingface(VARIANTS[name])
         except ImportError as e:
             rec["transformers_error"] = str(e)
+        samples = _interleaved(steps, repeats)
+        rec["ours_s"] = statistics.median(samples["ours"])
+        if "transformers" in samples:
+            rec["transformers_s"] = statistics.median(samples["transformers"])
+            ratios = [t / o for t, o in zip(samples["transformers"], samples["ours"])]
+            rec["speedup"], rec["speedup_min"], rec["speedup_max"] = statistics.median(ratios), min(ratios), max(ratios)
+        rec["samples"] = samples
         records.append(rec)
-        rows.append([name, rec.get("transformers_s", ""), t_ours, rec.get("speedup", "")])
+        rows.append([name, rec.get("transformers_s", ""), rec["ours_s"], rec.get("speedup", ""),
+                     f"{rec['speedup_min']:.2f}-{rec['speedup_max']:.2f}" if "speedup" in rec else ""])
+        del steps
     print(f"\ntraining step (forward + loss + backward), batch {BATCH} x {HEIGHT}x{WIDTH}, ResNet-50, "
-          f"{torch.get_num_threads()} threads, median of {repeats} (s)")
-    table = print_table(["variant", "transformers s", "detrcore s", "speedup"], rows)
+          f"{torch.get_num_threads()} threads, interleaved, median of {repeats} rounds (s; speedup: median of the "
+          f"per-round ratios, and their range)")
+    table = print_table(["variant", "transformers s", "detrcore s", "speedup", "range"], rows)
     try:
         import transformers
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrcore.nn import MSDeformAttn
+from detrcore.nn import Dropout, MSDeformAttn, MultiheadAttention
 from detrcore.ops import inverse_sigmoid
 
 from .transformer import clones, with_pos
@@ -96,26 +96,26 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1, self.norm1 = nn.Dropout(dropout), nn.LayerNorm(d_model)
+        self.dropout1, self.norm1 = Dropout(dropout), nn.LayerNorm(d_model)
         self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
-        self.dropout2, self.dropout3, self.norm2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.LayerNorm(d_model)
+        self.act_dropout, self.dropout3, self.norm2 = Dropout(dropout, relu=True), Dropout(dropout), nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        return self.norm2(src + self.dropout3(self.linear2(self.act_dropout(self.linear1(src)))))
 
 
 class DeformableDecoderLayer(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1, self.norm1 = nn.Dropout(dropout), nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2, self.norm2 = nn.Dropout(dropout), nn.LayerNorm(d_model)
+        self.dropout1, self.norm1 = Dropout(dropout), nn.LayerNorm(d_model)
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2, self.norm2 = Dropout(dropout), nn.LayerNorm(d_model)
         self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
-        self.dropout3, self.dropout4, self.norm3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.LayerNorm(d_model)
+        self.act_dropout, self.dropout4, self.norm3 = Dropout(dropout, relu=True), Dropout(dropout), nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask):
         q = k = with_pos(tgt, query_pos)
@@ -123,7 +123,7 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src, spatial_shapes, level_start_index,
                                padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
-        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        return self.norm3(tgt + self.dropout4(self.linear2(self.act_dropout(self.linear1(tgt)))))
 
 
 class DeformableTransformer(nn.Module):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrcore.nn import Dropout, MultiheadAttention
+
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
@@ -37,10 +39,10 @@ class MLP(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout, self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.act_dropout, self.dropout1, self.dropout2 = Dropout(dropout, relu=True), Dropout(dropout), Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -50,19 +52,19 @@ class EncoderLayer(nn.Module):
         if not self.pre_norm:
             src = self.norm1(src)
         x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        src = src + self.dropout2(self.linear2(self.act_dropout(self.linear1(x))))
         return src if self.pre_norm else self.norm2(src)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout, self.dropout1 = nn.Dropout(dropout), nn.Dropout(dropout)
-        self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.act_dropout, self.dropout1 = Dropout(dropout, relu=True), Dropout(dropout)
+        self.dropout2, self.dropout3 = Dropout(dropout), Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
@@ -79,7 +81,7 @@ class DecoderLayer(nn.Module):
         if not self.pre_norm:
             tgt = self.norm2(tgt)
         x = self.norm3(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        tgt = tgt + self.dropout3(self.linear2(self.act_dropout(self.linear1(x))))
         return tgt if self.pre_norm else self.norm3(tgt)
 
 

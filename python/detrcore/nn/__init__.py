@@ -1,4 +1,6 @@
 """Building-block modules on top of detrcore.ops (the models package composes them)."""
+from .attention import MultiheadAttention
+from .dropout import Dropout
 from .ms_deform_attn import MSDeformAttn
 
-__all__ = ["MSDeformAttn"]
+__all__ = ["Dropout", "MSDeformAttn", "MultiheadAttention"]

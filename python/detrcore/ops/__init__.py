@@ -5,6 +5,7 @@ Importing this package needs only torch and numpy.
 from ._lib import build_info, cuda_available
 from .assignment import batched_linear_sum_assignment, linear_sum_assignment
 from .deform_attn import ms_deform_attn
+from .fused_dropout import dropout
 from .boxes import (
     box_cxcywh_to_xyxy,
     box_iou,
@@ -23,6 +24,7 @@ __all__ = [
     "generalized_box_iou",
     "generalized_box_iou_loss",
     "inverse_sigmoid",
+    "dropout",
     "linear_sum_assignment",
     "ms_deform_attn",
     "batched_linear_sum_assignment",

@@ -1,0 +1,77 @@
+#include "dropout.h"
+
+#include "parallel.h"
+
+namespace detrcore {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// x86-64-v4 has a vector 64-bit multiply (vpmullq) for the mixer; v3 emulates it with 32-bit multiplies.
+#define DETRCORE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DETRCORE_CPU_CLONES
+#endif
+
+template <typename T, bool kRelu>
+DETRCORE_CPU_CLONES void forward_range(const T* x, T* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
+                                       T scale) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const bool keep = dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold;
+    T v = x[i];
+    if (kRelu) v = v > T(0) ? v : T(0);
+    y[i] = keep ? v * scale : T(0);
+  }
+}
+
+template <typename T>
+DETRCORE_CPU_CLONES void backward_range(const T* g, T* gx, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
+                                        T scale) {
+  for (int64_t i = i0; i < i1; ++i) {
+    gx[i] = dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold ? g[i] * scale : T(0);
+  }
+}
+
+template <typename T>
+DETRCORE_CPU_CLONES void relu_backward_range(const T* __restrict g, const T* __restrict y, T* __restrict gx, int64_t i0,
+                                             int64_t i1, T scale) {
+  for (int64_t i = i0; i < i1; ++i) gx[i] = y[i] > T(0) ? g[i] * scale : T(0);
+}
+
+}  // namespace
+
+template <typename T>
+void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, T scale, bool relu,
+                 int num_threads) {
+  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
+    if (relu) {
+      forward_range<T, true>(x, y, i0, i1, seed, threshold, scale);
+    } else {
+      forward_range<T, false>(x, y, i0, i1, seed, threshold, scale);
+    }
+  });
+}
+
+template <typename T>
+void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, T scale,
+                     int num_threads) {
+  parallel_for(n, kGrain, num_threads,
+               [&](int64_t i0, int64_t i1) { backward_range<T>(grad, grad_x, i0, i1, seed, threshold, scale); });
+}
+
+template <typename T>
+void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, T scale, int num_threads) {
+  parallel_for(n, kGrain, num_threads,
+               [&](int64_t i0, int64_t i1) { relu_backward_range<T>(grad, y, grad_x, i0, i1, scale); });
+}
+
+#define DETRCORE_INSTANTIATE(T)                                                                 \
+  template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, T, bool, int);        \
+  template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, T, int);          \
+  template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, T, int);
+DETRCORE_INSTANTIATE(float)
+DETRCORE_INSTANTIATE(double)
+#undef DETRCORE_INSTANTIATE
+
+}  // namespace detrcore

@@ -1,0 +1,203 @@
+"""detrcore.ops.dropout (native CPU dropout, mask regenerated in the backward) and detrcore.nn.MultiheadAttention
+(attention-weight dropout through it): the definition, statistics, gradients, reproducibility, the fallbacks to
+torch, opcheck, torch.compile and named errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detrcore import _C, ops
+from detrcore.nn import Dropout, MultiheadAttention
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_definition_and_keep_rate(dtype, p):
+    x = torch.randn(1000, 1001, dtype=dtype, generator=gen(1))
+    y = ops.dropout(x, p, generator=gen(2))
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] * (1 / (1 - p)), rtol=0, atol=0)
+    n, rate = x.numel(), kept.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 6 * sigma, (rate, 1 - p)
+    # neighbours are independent: P(keep_i and keep_i+1) = (1 - p)^2
+    k = kept.flatten()
+    both = (k[:-1] & k[1:]).double().mean().item()
+    assert abs(both - (1 - p) ** 2) < 6 * math.sqrt((1 - p) ** 2 / n), both
+
+
+def test_relu_variant_shares_the_mask():
+    x = torch.randn(3, 257, 33, generator=gen(3))
+    plain = ops.dropout(x, 0.3, generator=gen(4))
+    fused = ops.dropout(x, 0.3, relu=True, generator=gen(4))
+    torch.testing.assert_close(fused, F.relu(plain), rtol=0, atol=0)
+    assert (fused >= 0).all()
+
+
+def test_backward_is_the_mask_times_the_scale():
+    x = torch.randn(50, 70, dtype=torch.float64, generator=gen(5), requires_grad=True)
+    g = torch.randn(50, 70, dtype=torch.float64, generator=gen(6))
+    y = ops.dropout(x, 0.4, generator=gen(7))
+    (gx,) = torch.autograd.grad(y, x, g)
+    keep = ops.dropout(torch.ones_like(x), 0.4, generator=gen(7)) != 0  # the same stream: the same mask
+    torch.testing.assert_close(gx, torch.where(keep, g * (1 / 0.6), 0.0), rtol=0, atol=0)
+    y = ops.dropout(x, 0.4, relu=True, generator=gen(7))
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, torch.where(keep & (x > 0), g * (1 / 0.6), 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_float64(relu):
+    x = torch.randn(4, 9, 5, dtype=torch.float64, generator=gen(8))
+    x = torch.where(x.abs() < 1e-3, 0.5, x).requires_grad_()  # away from ReLU's kink
+    assert torch.autograd.gradcheck(lambda t: ops.dropout(t, 0.3, relu=relu, generator=gen(9)), (x,))
+
+
+def test_same_seed_same_mask_regardless_of_threads_and_length():
+    x = torch.randn(300_001, generator=gen(10))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dropout(x, 0.2, generator=gen(11))
+        torch.set_num_threads(2)
+        two = ops.dropout(x, 0.2, generator=gen(11))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    prefix = ops.dropout(x[:1234], 0.2, generator=gen(11))  # element i depends on (seed, i) only
+    assert torch.equal(prefix, one[:1234])
+    assert not torch.equal(ops.dropout(x, 0.2, generator=gen(12)), one)
+
+
+def test_torch_manual_seed_reproduces_and_draws_advance():
+    x = torch.randn(10_000)
+    torch.manual_seed(123)
+    a, b = ops.dropout(x, 0.5), ops.dropout(x, 0.5)
+    torch.manual_seed(123)
+    assert torch.equal(ops.dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+
+
+def test_non_contiguous_input_is_read_in_logical_order():
+    x = torch.randn(40, 60, generator=gen(13)).t()
+    assert not x.is_contiguous()
+    torch.testing.assert_close(ops.dropout(x, 0.3, generator=gen(14)),
+                               ops.dropout(x.contiguous(), 0.3, generator=gen(14)), rtol=0, atol=0)
+
+
+def test_identity_cases_and_torch_fallbacks():
+    x = torch.randn(8, 16, generator=gen(15))
+    assert ops.dropout(x, 0.5, training=False) is x
+    assert ops.dropout(x, 0.0) is x
+    torch.testing.assert_close(ops.dropout(x, 0.5, training=False, relu=True), F.relu(x))
+    assert torch.equal(ops.dropout(x, 1.0), torch.zeros_like(x))
+    xb = x.bfloat16()  # not a native dtype: torch's dropout
+    yb = ops.dropout(xb, 0.5)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb[yb != 0], xb[yb != 0] * 2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.1", None])
+def test_bad_p_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="p must be"):
+        ops.dropout(torch.ones(3), bad)
+    with pytest.raises((ValueError, TypeError)):
+        Dropout(bad)
+
+
+def test_native_entry_points_check_their_arguments():
+    x, out = torch.ones(10), torch.empty(10)
+    with pytest.raises(ValueError, match="p must be in"):
+        _C.dropout(x, out, 1, 1.0, False)
+    with pytest.raises(ValueError, match="shape"):
+        _C.dropout(x, torch.empty(11), 1, 0.5, False)
+    with pytest.raises(TypeError):
+        _C.dropout(x, torch.empty(10, dtype=torch.float64), 1, 0.5, False)
+    with pytest.raises(ValueError, match="shape"):
+        _C.relu_dropout_backward(x, torch.ones(9), out, 0.5)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        ops.dropout([1.0, 2.0], 0.5)
+
+
+def test_opcheck():
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(42)
+    torch.library.opcheck(torch.ops.detrcore.dropout.default, (x, seed, 0.25, False))
+    torch.library.opcheck(torch.ops.detrcore.dropout.default, (x, seed, 0.25, True))
+    g = torch.randn(5, 7, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.detrcore.dropout_backward.default, (g, seed, 0.25))
+    torch.library.opcheck(torch.ops.detrcore.relu_dropout_backward.default, (g, F.relu(x.detach()), 0.25))
+
+
+def test_torch_compile_fullgraph():
+    lin = torch.nn.Linear(16, 32)
+
+    def f(x):
+        return ops.dropout(lin(x), 0.2, relu=True).sum()
+
+    x = torch.randn(4, 16)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.manual_seed(5)
+    eager = f(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled(x), eager)
+
+
+def test_module():
+    d = Dropout(0.25, relu=True)
+    assert "relu=True" in repr(d) and list(d.parameters()) == []
+    x = torch.randn(64, 64)
+    torch.manual_seed(0)
+    y = d(x)
+    torch.manual_seed(0)
+    assert torch.equal(y, ops.dropout(x, 0.25, relu=True))
+    assert torch.equal(d.eval()(x), F.relu(x))
+
+
+# ---- MultiheadAttention ----
+
+def attention_reference(mha, q, k, v, key_padding_mask, keep):
+    """torch's own MHA in eval mode gives the attention probabilities; dropout them with `keep`, finish by hand."""
+    B, Lq, E = q.shape
+    H = mha.num_heads
+    probs = torch.nn.MultiheadAttention.forward(mha.eval(), q, k, v, key_padding_mask=key_padding_mask,
+                                                need_weights=True, average_attn_weights=False)[1]
+    mha.train()
+    vh = F.linear(v, mha.in_proj_weight[2 * E:], mha.in_proj_bias[2 * E:]).view(B, -1, H, E // H).transpose(1, 2)
+    out = ((probs * keep / (1 - mha.dropout)) @ vh).transpose(1, 2).reshape(B, Lq, E)
+    return mha.out_proj(out)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_multihead_attention_matches_torch_with_the_same_mask(with_mask):
+    torch.manual_seed(0)
+    mha = MultiheadAttention(32, 4, dropout=0.3, batch_first=True, dtype=torch.float64).train()
+    q, k, v = (torch.randn(2, n, 32, dtype=torch.float64) for n in (5, 7, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    if with_mask:
+        mask[1, 4:] = True
+    torch.manual_seed(77)
+    out, weights = mha(q, k, v, key_padding_mask=mask if with_mask else None, need_weights=False)
+    assert weights is None
+    torch.manual_seed(77)
+    keep = ops.dropout(torch.ones(2, 4, 5, 7, dtype=torch.float64), 0.3) != 0
+    ref = attention_reference(mha, q, k, v, mask if with_mask else None, keep)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert mha.in_proj_weight.grad is not None and torch.isfinite(mha.in_proj_weight.grad).all()
+
+
+def test_multihead_attention_falls_back_to_torch():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())  # same parameter names
+    q = torch.randn(3, 4, 16)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(q, q, q)[0], theirs(q, q, q)[0])
+    torch.testing.assert_close(ours(q, q, q, need_weights=True)[1], theirs(q, q, q, need_weights=True)[1])
