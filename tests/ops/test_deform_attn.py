@@ -49,6 +49,21 @@ def test_forward_and_backward_match_reference(device, dtype, D, L, P):
         torch.testing.assert_close(gt.double().cpu(), wt, rtol=rtol, atol=atol * scale, msg=name)
 
 
+@pytest.mark.parametrize("Q", [2, 64])
+def test_cpu_backward_strategies(Q):
+    """The CPU backward works on head-local copies when a head's samples outnumber its value rows (Q = 64 here)
+    and in place otherwise (Q = 2): both against the reference, H = 8 heads of D = 32 as in the models."""
+    value, ss, ls, loc, aw = make_inputs(B=2, H=8, D=32, Q=Q, P=4, shapes=((9, 7), (5, 4)), seed=Q)
+    assert (Q * 2 * 4 >= value.shape[1]) == (Q == 64)
+    inputs = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    ref_inputs = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    out = ops.ms_deform_attn(inputs[0], ss, ls, inputs[1], inputs[2])
+    ref = reference.ms_deform_attn(ref_inputs[0], ss, ls, ref_inputs[1], ref_inputs[2])
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, ref_inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * (1 + want.abs().max().item()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D,L,P", [(1, 1, 1), (3, 4, 4), (30, 1, 4), (71, 4, 1)])
 def test_gradcheck_float64(device, D, L, P):
