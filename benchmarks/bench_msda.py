@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from detrcore._allocator import tune_cpu_allocator
 from detrcore.bench import _common, msda
 
 if __name__ == "__main__":
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
+    tune_cpu_allocator()  # as `detrcore` does; one process: baseline and detrcore alike
     cuda = args.device.startswith("cuda")
     names = args.dtypes or ("float32,bfloat16" if cuda else "float32")
     record = msda.run(device=args.device, dtypes=[getattr(torch, n) for n in names.split(",")], repeats=args.repeats)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from detrcore._allocator import tune_cpu_allocator
 from detrcore.bench import _common, train_step
 
 if __name__ == "__main__":
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     p.add_argument("--variants", default=",".join(train_step.VARIANTS))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
+    tune_cpu_allocator()  # as `detrcore` does; one process: baseline and detrcore alike
     torch.set_num_threads(args.threads)
     record = train_step.run(repeats=args.repeats, variants=args.variants.split(","))
     print("wrote", _common.write_json(record, args.out / "train_step_cpu.json"))

@@ -30,6 +30,9 @@ def _fail(e: Exception) -> None:
 @click.version_option(package_name="detrcore")
 def main() -> None:
     """detrcore: DETR-family object detection with native deformable attention, box ops and matching."""
+    from detrcore._allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # fault-free steady-state steps on the CPU (DETRCORE_MALLOC_TUNING=0: off)
 
 
 @main.command()

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from detrcore import _allocator
 from detrcore._io import write_text_atomic
 
 
@@ -51,6 +52,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "malloc_tuned": _allocator._applied,
     }
     try:
         import detrcore.ops as ops
