@@ -43,6 +43,43 @@ def time_call(fn: Callable[[], object], repeats: int = 7, min_time: float = 0.05
     return statistics.median(samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, min_time: float = 0.05,
+                     sync: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` samples each, taken round-robin (one timed batch of each fn per
+    round, batches calibrated to `min_time`), so a shared machine's slow drifts hit every fn alike. Compare
+    with `ratio`: the median of the per-round ratios."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (and lazy initialisation)
+        number = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            if sync:
+                torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            if t >= min_time or number >= 1 << 20:
+                break
+            number *= 2 if t == 0 else max(2, min(10, int(min_time / t) + 1))
+        numbers[name] = number
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(numbers[name]):
+                fn()
+            if sync:
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - t0) / numbers[name])
+    return samples
+
+
+def ratio(baseline: list[float], ours: list[float]) -> float:
+    """The median over rounds of baseline time / our time."""
+    return statistics.median(b / o for b, o in zip(baseline, ours))
+
+
 def machine() -> dict:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

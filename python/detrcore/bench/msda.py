@@ -4,13 +4,15 @@ On CUDA each time is also given as a fraction of the memory-bandwidth bound: com
 bandwidth."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from detrcore import ops
 from detrcore.ops import reference
 from detrcore.ops.deform_attn import level_start_index_of
 
-from ._common import machine, print_table, time_call
+from ._common import machine, print_table, ratio, time_call, time_interleaved
 
 H, D, P = 8, 32, 4
 CPU_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
@@ -80,6 +82,14 @@ def _original_kernel():
         return None
 
 
+def _no_grad(fn, case):
+    def call():
+        with torch.no_grad():
+            fn(*case)
+
+    return call
+
+
 def _fwd_bwd(fn, case):
     value, ss, ls, loc, aw = case
     ins = [t.clone().requires_grad_() for t in (value, loc, aw)]
@@ -105,18 +115,17 @@ def run(device: str = "cpu", dtypes=(torch.float32,), repeats: int = 5, batch: i
             if original is not None and dtype in (torch.float32, torch.float64):
                 impls["original CUDA"] = _original_fn(original)
             for mode in ("fwd", "fwd+bwd"):
-                times = {}
-                for impl, fn in impls.items():
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            times[impl] = time_call(lambda: fn(*case), repeats=repeats, sync=cuda)
-                    else:
-                        times[impl] = time_call(_fwd_bwd(fn, case), repeats=repeats, sync=cuda)
+                if mode == "fwd":
+                    calls = {impl: _no_grad(fn, case) for impl, fn in impls.items()}
+                else:
+                    calls = {impl: _fwd_bwd(fn, case) for impl, fn in impls.items()}
+                samples = time_interleaved(calls, repeats=repeats, sync=cuda)
+                times = {k: statistics.median(v) for k, v in samples.items()}
                 rec = {"shape": name, "batch": batch, "queries": case[3].shape[1], "S": case[0].shape[1],
                        "dtype": str(dtype), "mode": mode, "us": {k: v * 1e6 for k, v in times.items()},
-                       "speedup_vs_reference": times["grid_sample reference"] / times["detrcore"]}
+                       "speedup_vs_reference": ratio(samples["grid_sample reference"], samples["detrcore"])}
                 if "original CUDA" in times:
-                    rec["speedup_vs_original"] = times["original CUDA"] / times["detrcore"]
+                    rec["speedup_vs_original"] = ratio(samples["original CUDA"], samples["detrcore"])
                 if bandwidth:
                     bound = compulsory_bytes(case, mode == "fwd+bwd") / bandwidth
                     rec["bandwidth_bound_us"] = bound * 1e6
@@ -126,7 +135,8 @@ def run(device: str = "cpu", dtypes=(torch.float32,), repeats: int = 5, batch: i
                              rec["us"].get("original CUDA", ""), rec["us"]["detrcore"], rec["speedup_vs_reference"],
                              rec.get("speedup_vs_original", ""), rec.get("fraction_of_bound", "")])
     print(f"\nms_deform_attn on {device}, B={batch}, levels {levels}, H={H}, D={D}, P={P}, "
-          f"{torch.get_num_threads()} threads, median of {repeats} (µs)")
+          f"{torch.get_num_threads()} threads, interleaved, median of {repeats} rounds (µs; speed-ups: median of the "
+          f"per-round ratios)")
     table = print_table(["shape", "dtype", "mode", "reference µs", "original µs", "ours µs", "vs reference",
                          "vs original", "of bound"], rows)
     return {"benchmark": "ms_deform_attn", "device": device, "levels": levels, "heads": H, "head_dim": D,

@@ -4,13 +4,12 @@ installed in the benchmark environment only (plus Pillow, which its loss needs);
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from detrcore.models import HungarianMatcher, LossWeights, ModelConfig, SetCriterion, build_model
 
-from ._common import machine, print_table
+from ._common import machine, print_table, ratio, time_interleaved
 
 VARIANTS = {"deformable": {}, "deformable-refine": {"with_box_refine": True},
             "deformable-two-stage": {"with_box_refine": True, "two_stage": True}}
@@ -76,20 +75,6 @@ def huggingface(variant: dict):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def _interleaved(steps: dict, repeats: int) -> dict:
-    """Times the steps round-robin (one call each per round, after one warm-up call each): slow drifts of a shared
-    machine hit both alike. Returns per-step median seconds and the median of the per-round ratios."""
-    for step in steps.values():
-        step()
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - t0)
-    return samples
-
-
 def run(repeats: int = 7, variants=None) -> dict:
     rows, records = [], []
     for name in variants or VARIANTS:
@@ -100,12 +85,13 @@ def run(repeats: int = 7, variants=None) -> dict:
             steps["transformers"], rec["transformers_params"] = huggingface(VARIANTS[name])
         except ImportError as e:
             rec["transformers_error"] = str(e)
-        samples = _interleaved(steps, repeats)
+        samples = time_interleaved(steps, repeats=repeats, min_time=0)
         rec["ours_s"] = statistics.median(samples["ours"])
         if "transformers" in samples:
             rec["transformers_s"] = statistics.median(samples["transformers"])
             ratios = [t / o for t, o in zip(samples["transformers"], samples["ours"])]
-            rec["speedup"], rec["speedup_min"], rec["speedup_max"] = statistics.median(ratios), min(ratios), max(ratios)
+            rec["speedup"] = ratio(samples["transformers"], samples["ours"])
+            rec["speedup_min"], rec["speedup_max"] = min(ratios), max(ratios)
         rec["samples"] = samples
         records.append(rec)
         rows.append([name, rec.get("transformers_s", ""), rec["ours_s"], rec.get("speedup", ""),
