@@ -14,12 +14,22 @@ def tiny_benchmarks(monkeypatch):
     fast = functools.partial(_common.time_call, min_time=0.001)
     for mod in (box_ops, assignment, msda):
         monkeypatch.setattr(mod, "time_call", fast)
+    monkeypatch.setattr(msda, "time_interleaved", functools.partial(_common.time_interleaved, min_time=0.001))
     monkeypatch.setattr(box_ops, "SHAPES", [(1, 9, 4), (2, 9, 4)])
     monkeypatch.setattr(box_ops, "LOSS_SIZES", [5])
     monkeypatch.setattr(assignment, "QUERIES", [12])
     monkeypatch.setattr(assignment, "TARGETS", [1, 4])
     monkeypatch.setattr(assignment, "BATCH", (3, 12, 4))
     monkeypatch.setattr(msda, "CPU_LEVELS", [(6, 5), (3, 3)])
+
+
+def test_interleaved_timing_goes_round_robin():
+    order = []
+    samples = _common.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                       repeats=3, min_time=0)
+    assert [len(v) for v in samples.values()] == [3, 3]
+    assert order[-6:] == ["a", "b"] * 3  # after one warm-up call each
+    assert _common.ratio([2.0, 4.0, 9.0], [1.0, 1.0, 1.0]) == 4.0
 
 
 def test_info_reports_the_build():
