@@ -10,4 +10,6 @@ try:
 except _NotFound:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from ._allocator import tune_cpu_allocator
+
+__all__ = ["__version__", "tune_cpu_allocator"]

@@ -10,7 +10,7 @@ import pytest
 PROBE = textwrap.dedent("""
     import resource, sys
     import torch
-    from detrcore._allocator import tune_cpu_allocator
+    from detrcore import tune_cpu_allocator
     tuned = tune_cpu_allocator()
     assert tune_cpu_allocator() == tuned  # idempotent
     faults = []
