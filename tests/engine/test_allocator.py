@@ -1,5 +1,6 @@
-"""The command line's malloc settings: applied once, switchable off, and they make a freed multi-megabyte block
-come back without page faults (each case in a fresh interpreter: the settings are process-wide)."""
+"""The command line's malloc settings: applied once, switchable off, and in effect: a 20 MB block then comes from
+glibc's heap (below the program break) instead of a fresh mmap() (each case in a fresh interpreter: the settings
+are process-wide; the speed effect is measured by the benchmarks, not asserted here)."""
 import os
 import subprocess
 import sys
@@ -8,19 +9,18 @@ import textwrap
 import pytest
 
 PROBE = textwrap.dedent("""
-    import resource, sys
-    import torch
+    import ctypes, ctypes.util
     from detrcore import tune_cpu_allocator
     tuned = tune_cpu_allocator()
     assert tune_cpu_allocator() == tuned  # idempotent
-    faults = []
-    for _ in range(4):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.empty(24 << 18)  # 24 MB
-        x.fill_(1.0)
-        del x
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(tuned, min(faults[1:]))
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = libc.malloc(20 << 20)
+    in_heap = block < libc.sbrk(0)  # mmap()ed blocks live far above the program break
+    libc.free(block)
+    print(tuned, in_heap)
 """)
 
 
@@ -30,15 +30,11 @@ def probe(env_value):
     if env_value is not None:
         env["DETRCORE_MALLOC_TUNING"] = env_value
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True).stdout
-    tuned, faults = out.split()
-    return tuned == "True", int(faults)
+    tuned, in_heap = out.split()
+    return tuned == "True", in_heap == "True"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_tuned_allocator_reuses_freed_blocks_without_page_faults():
-    tuned, faults = probe(None)
-    assert tuned
-    assert faults < 100, faults  # 24 MB of fresh pages would be ~6000 faults
-    off, faults_off = probe("0")
-    assert not off
-    assert faults_off > 1000, faults_off  # glibc's default: mmap()ed afresh every time
+def test_tuned_allocator_serves_large_blocks_from_the_heap():
+    assert probe(None) == (True, True)
+    assert probe("0") == (False, False)  # glibc's default: a fresh mmap() for a block this size

@@ -28,8 +28,10 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror} (nothing was overwritten)") from e
+        os_error = _os_error_in(e)
+        if os_error is not None:
+            raise OSError(os_error.errno, f"could not write checkpoint {path}: {os_error.strerror} (nothing was "
+                          f"overwritten)") from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -40,6 +42,18 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind `e`, if any: torch.save's zip writer reports a failed write (ENOSPC) as a RuntimeError
+    ("unexpected pos ...") raised while it closes, with the OSError only in the exception's context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def rng_state() -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import io
 import json
 import math
 import random
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detrcore._io import append_text
 from detrcore.models import HungarianMatcher, PostProcess, SetCriterion, build_model
 
 from . import distributed as dist
@@ -339,14 +341,13 @@ METRIC_COLUMNS = ["epoch", "steps", "lr", "train_loss", "train_loss_ce", "train_
 
 
 def _log_epoch(out: Path, stats: dict, log) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(stats) + "\n")
-    new = not (out / "metrics.csv").exists()
-    with open(out / "metrics.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(stats)
+    append_text(out / "metrics.jsonl", json.dumps(stats) + "\n")
+    row = io.StringIO(newline="")
+    w = csv.DictWriter(row, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    if not (out / "metrics.csv").exists():
+        w.writeheader()
+    w.writerow(stats)
+    append_text(out / "metrics.csv", row.getvalue())
     _tensorboard(out, stats)
     shown = ", ".join(f"{k} {stats[k]:.4g}" for k in ("train_loss", "AP", "AP50", "epoch_seconds") if k in stats)
     log(f"epoch {stats['epoch']}: {shown}")
