@@ -230,3 +230,37 @@ def test_nothing_found_lists_what_was_looked_for(tmp_path):
         assert part in str(e.value)
     with pytest.raises(FileNotFoundError, match="not found"):
         find_coco_splits(tmp_path / "nowhere")
+
+
+# Found by tests/data/test_data_fuzz.py: junk of the wrong JSON type where an id, size, bbox or list belongs.
+@pytest.mark.parametrize("field,value,kind", [
+    ("category_id", [1], "unknown category id"),  # was: TypeError (unhashable)
+    ("image_id", {"a": 1}, "annotation of an unknown or skipped image"),  # was: TypeError
+    ("bbox", "1234", "malformed bbox"),  # was: read as the box [1, 2, 3, 4]
+])
+def test_junk_annotation_fields_are_counted_problems(tmp_path, field, value, kind):
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [10, 10, 5, 5]), (1, 1, [1, 1, 5, 5])], CATS)
+    data = json.loads(json_path.read_text())
+    data["annotations"][1][field] = value
+    json_path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=kind):
+        ds = CocoDetection(tmp_path, json_path, on_error="skip")
+    assert ds.problems == {kind: 1} and ds[0][1]["boxes"].shape == (1, 4)
+
+
+def test_junk_area_and_id_fall_back(tmp_path):
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [10, 10, 5, 4], {"area": "big", "id": "x"})],
+                           CATS)  # were: ValueError from float("big") / int("x") naming no file
+    ds = CocoDetection(tmp_path, json_path)
+    ann = ds.coco_gt["annotations"][0]
+    assert ann["area"] == 20.0 and "id" not in ann
+
+
+@pytest.mark.parametrize("edit", [{"annotations": True}, {"images": [{"id": 1, "file_name": "a.png", "width": "w"}]},
+                                  {"categories": [{"id": "one"}]}])
+def test_junk_lists_and_entries_name_the_json(tmp_path, edit):
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [10, 10, 5, 5])], CATS)
+    json_path.write_text(json.dumps({**json.loads(json_path.read_text()), **edit}))
+    with pytest.raises(ValueError, match="ann|malformed") as e:  # was: TypeError / bare ValueError
+        CocoDetection(tmp_path, json_path)
+    assert str(json_path) in str(e.value)

@@ -46,28 +46,39 @@ json_fault = st.sampled_from([None, None, None, "truncate", "not_json", "list"])
 def apply(data: dict, edits) -> dict:
     data = copy.deepcopy(data)
     for edit in edits:
-        kind = edit[0]
-        if kind == "ann":
-            data["annotations"][edit[1]][edit[2]] = edit[3]
-        elif kind == "ann_drop":
-            data["annotations"][edit[1]].pop(edit[2], None)
-        elif kind == "img":
-            data["images"][edit[1]][edit[2]] = edit[3]
-        elif kind == "cat":
-            data["categories"][edit[1]][edit[2]] = edit[3]
-        elif kind == "dup_ann":
-            data["annotations"].append(copy.deepcopy(data["annotations"][edit[1]]))
-        elif kind == "dup_img":
-            data["images"].append(copy.deepcopy(data["images"][edit[1] % 3]))
-        elif kind == "ann_not_object":
-            data["annotations"][edit[1]] = edit[2]
-        elif kind == "top_level":
-            data[("images", "annotations", "categories")[edit[1] % 3]] = edit[2]
+        try:
+            _apply_one(data, edit)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass  # an earlier edit replaced the list this one targets
     return data
 
 
+def _apply_one(data: dict, edit) -> None:
+    kind = edit[0]
+    if kind == "ann":
+        data["annotations"][edit[1]][edit[2]] = edit[3]
+    elif kind == "ann_drop":
+        data["annotations"][edit[1]].pop(edit[2], None)
+    elif kind == "img":
+        data["images"][edit[1]][edit[2]] = edit[3]
+    elif kind == "cat":
+        data["categories"][edit[1]][edit[2]] = edit[3]
+    elif kind == "dup_ann":
+        data["annotations"].append(copy.deepcopy(data["annotations"][edit[1]]))
+    elif kind == "dup_img":
+        data["images"].append(copy.deepcopy(data["images"][edit[1] % 3]))
+    elif kind == "ann_not_object":
+        data["annotations"][edit[1]] = edit[2]
+    elif kind == "top_level":
+        data[("images", "annotations", "categories")[edit[1] % 3]] = edit[2]
+
+
 def damage_file(path: Path, how: str, seed: int) -> None:
+    if not path.exists():
+        return  # deleted by an earlier fault
     raw = path.read_bytes()
+    if not raw and how in ("truncate", "flip"):
+        return
     if how == "truncate":
         path.write_bytes(raw[: seed % len(raw)])
     elif how == "flip":
@@ -94,7 +105,7 @@ def check_sample(image, target, ds: CocoDetection, index: int) -> None:
     assert ((labels >= 0) & (labels < ds.num_classes)).all()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.one_of(ann_edit, ann_drop, img_edit, cat_edit, structural), max_size=4),
        files=st.lists(file_fault, max_size=2), json_damage=json_fault, mode=st.sampled_from(["skip", "raise"]))
 def test_mutated_datasets_load_or_fail_clearly(tmp_path_factory, edits, files, json_damage, mode):

@@ -24,6 +24,7 @@ Data problems and `on_error`:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -93,11 +94,13 @@ class CocoDetection(torch.utils.data.Dataset):
         cats = data.get("categories")
         if not isinstance(cats, list) or not cats:
             raise ValueError(f"{self.coco_json_path}: no 'categories' list (a COCO instances file needs one)")
-        try:
-            cats = sorted(({"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats),
-                          key=lambda c: c["id"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{self.coco_json_path}: malformed category entry ({e!r})") from e
+        parsed = []
+        for c in cats:
+            cid = _as_id(c.get("id")) if isinstance(c, dict) else None
+            if cid is None:
+                raise ValueError(f"{self.coco_json_path}: malformed category entry {c!r} (needs an integer 'id')")
+            parsed.append({"id": cid, "name": str(c.get("name", cid))})
+        cats = sorted(parsed, key=lambda c: c["id"])
         ids = [c["id"] for c in cats]
         if len(set(ids)) != len(ids):
             dups = sorted(k for k, n in Counter(ids).items() if n > 1)
@@ -111,7 +114,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self.problems: Counter = Counter()
         self._examples: dict[str, str] = {}
         images = self._index_images(data.get("images"), verify_images)
-        per_image = self._index_annotations(data.get("annotations") or [], images)
+        anns = data.get("annotations")
+        if anns is None:
+            anns = []
+        if not isinstance(anns, list):
+            raise ValueError(f"{self.coco_json_path}: 'annotations' must be a list, got {type(anns).__name__}")
+        per_image = self._index_annotations(anns, images)
         self._images = list(images.values())  # dicts: id, file_name, width, height, path
         empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
                  "area": np.zeros(0, np.float64), "ann_id": np.zeros(0, np.int64)}
@@ -144,9 +152,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self._skipped_images: set[int] = set()
         for entry in entries:
             try:
-                image_id, file_name = int(entry["id"]), str(entry["file_name"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{self.coco_json_path}: malformed image entry {entry!r} ({e!r})") from e
+                image_id, file_name = _as_id(entry["id"]), entry["file_name"]
+                if image_id is None or not isinstance(file_name, str) or not file_name:
+                    raise ValueError("needs an integer 'id' and a 'file_name' string")
+                width, height = _as_size(entry.get("width")), _as_size(entry.get("height"))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{self.coco_json_path}: malformed image entry {entry!r} ({e})") from e
             if image_id in images:
                 raise ValueError(f"{self.coco_json_path}: duplicate image id {image_id}")
             path = self.image_dir / file_name
@@ -155,7 +166,6 @@ class CocoDetection(torch.utils.data.Dataset):
                               f"{self.coco_json_path})", FileNotFoundError)
                 self._skipped_images.add(image_id)
                 continue
-            width, height = entry.get("width"), entry.get("height")
             if verify or not width or not height:
                 size = _image_size(path)
                 if size is None:
@@ -163,7 +173,7 @@ class CocoDetection(torch.utils.data.Dataset):
                                   f"in {self.coco_json_path})")
                     self._skipped_images.add(image_id)
                     continue
-                if width and height and (int(width), int(height)) != size:
+                if width and height and (width, height) != size:
                     self._problem("image size differs from the JSON",
                                   f"{path} is {size[0]}x{size[1]} but {self.coco_json_path} says "
                                   f"{width}x{height}")
@@ -184,20 +194,22 @@ class CocoDetection(torch.utils.data.Dataset):
             if not isinstance(a, dict):
                 self._problem("malformed annotation", f"{where} is not an object")
                 continue
-            image = images.get(a.get("image_id"))
-            if image is None and a.get("image_id") in self._skipped_images:
+            image = images.get(_as_id(a.get("image_id")))
+            if image is None and _as_id(a.get("image_id")) in self._skipped_images:
                 continue  # its image was skipped (and counted) already
             if image is None:
                 self._problem("annotation of an unknown or skipped image",
                               f"{where} refers to image id {a.get('image_id')!r}, not among the usable images")
                 continue
-            label = self.category_id_to_label.get(a.get("category_id"))
+            label = self.category_id_to_label.get(_as_id(a.get("category_id")))
             if label is None:
                 self._problem("unknown category id", f"{where} (image {image['path']}) has category_id "
                               f"{a.get('category_id')!r}, not among {self.label_to_category_id}")
                 continue
             bbox = a.get("bbox")
             try:
+                if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                    raise ValueError("not a list [x, y, w, h]")
                 x, y, w, h = (float(v) for v in bbox)
                 if not all(np.isfinite([x, y, w, h])):
                     raise ValueError("non-finite value")
@@ -210,13 +222,17 @@ class CocoDetection(torch.utils.data.Dataset):
                 self._problem("degenerate box", f"{where} (image {image['path']}, {image['width']}x"
                               f"{image['height']}) has bbox xywh {bbox!r}: zero width or height after clipping")
                 continue
-            area = float(a.get("area") or (x1 - x0) * (y1 - y0))
+            area = a.get("area")
+            if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 < area < math.inf:
+                area = (x1 - x0) * (y1 - y0)  # absent or unusable: the clipped box's
+            ann_id = _as_id(a.get("id"))
             if a.get("iscrowd", 0):  # not a training target, but the evaluator needs it (matches are ignored)
-                self._crowd_gt.append({"id": a.get("id"), "image_id": image["id"], "category_id": a["category_id"],
+                self._crowd_gt.append({"id": ann_id, "image_id": image["id"],
+                                       "category_id": self.label_to_category_id[label],
                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "iscrowd": 1})
                 continue
             rows = out.setdefault(image["id"], [])
-            rows.append((x0, y0, x1, y1, label, area, int(a.get("id", -1))))
+            rows.append((x0, y0, x1, y1, label, float(area), -1 if ann_id is None else ann_id))
         # one set of numpy arrays per image (few Python objects: cheap to share with forked DataLoader workers)
         return {image_id: {"boxes": np.asarray([r[:4] for r in rows], dtype=np.float32).reshape(-1, 4),  # [N, 4]
                            "labels": np.asarray([r[4] for r in rows], dtype=np.int64),  # [N]
@@ -273,6 +289,29 @@ class CocoDetection(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"CocoDetection({len(self)} images, {sum(len(t['labels']) for t in self._targets)} boxes, "
                 f"{self.num_classes} classes, {self.coco_json_path})")
+
+
+def _as_id(value) -> int | None:
+    """A COCO id: an int (or an integral float, as some exporters write); None for anything else (strings, bools,
+    lists, non-integral numbers)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_size(value) -> int | None:
+    """An image width/height from the JSON: a positive integral number, 0/None when absent (read from the file);
+    raises ValueError for anything else."""
+    if value is None or (not isinstance(value, bool) and value == 0):
+        return None
+    size = _as_id(value)
+    if size is None or size < 0:
+        raise ValueError(f"not a positive integer: {value!r}")
+    return size
 
 
 def _read_json(path: Path) -> dict:
