@@ -56,6 +56,17 @@ def test_box_entry_points_never_crash(a, b, c, kind, giou):
 
 
 @SETTINGS
+@given(a=tensors(), b=tensors(), c=tensors(), seed=st.integers(-(2**63), 2**63 - 1),
+       p=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.1, 1.0, -0.1])),
+       relu=st.booleans(), same=st.booleans())
+def test_dropout_entry_points_never_crash(a, b, c, seed, p, relu, same):
+    out = torch.empty_like(a) if same else b
+    call(_C.dropout, a, out, seed, p, relu)
+    call(_C.dropout_backward, a, out, seed, p)
+    call(_C.relu_dropout_backward, a, b if not same else a.clone(), c if not same else out, p)
+
+
+@SETTINGS
 @given(data=st.data())
 def test_box_entry_points_with_well_formed_shapes(data):
     """Shapes that pass the checks (so the kernels run) with hostile values and zero-size dimensions."""
@@ -112,6 +123,8 @@ def test_non_tensors_are_type_errors(bad):
     t = torch.zeros(1, 2, 4)
     with pytest.raises(TypeError):
         _C.box_pairwise(bad, t, torch.empty(1, 2, 2), True)
+    with pytest.raises(TypeError):
+        _C.dropout(bad, t, 0, 0.5, False)
     with pytest.raises((TypeError, ValueError)):
         _C.linear_sum_assignment(bad, False)
     call(_C.inspect, bad)  # reports what it sees, or raises
