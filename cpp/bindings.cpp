@@ -367,56 +367,77 @@ void inverse_sigmoid_backward(py::handle grad_, py::handle x_, py::handle gx_, d
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Dropout (CPU only: on CUDA, torch's own fused dropout is used by the Python layer).
+// Dropout (CPU only: on CUDA, torch's own fused dropout is used by the Python layer). float32, float64 and
+// bfloat16 (what CPU autocast produces).
 struct DropoutParams {
   uint32_t threshold;
   double scale;
 };
-DropoutParams dropout_params(const View& ref, double p) {
+DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::initializer_list<const View*> outputs,
+                             double p) {
+  const View& ref = **inputs.begin();
   if (ref.device != DeviceKind::cpu)
     throw ValueError("detrcore dropout: " + arg(ref) + " must be a CPU tensor (CUDA tensors use torch's dropout)");
+  if (ref.dtype != DType::f32 && ref.dtype != DType::f64 && ref.dtype != DType::bf16)
+    throw TypeError(arg(ref) + " must be float32, float64 or bfloat16, got " + dtype_name(ref.dtype));
+  for (const View* v : inputs) {
+    check_same_device(ref, *v);
+    check_same_dtype(ref, *v);
+    check_contiguous(*v);
+    check_same_shape(ref, *v);
+  }
+  for (const View* v : outputs) {
+    check_same_device(ref, *v);
+    check_same_dtype(ref, *v);
+    check_contiguous(*v);
+    check_writable(*v);
+    check_same_shape(ref, *v);
+  }
   if (!(p >= 0.0 && p < 1.0)) throw ValueError("dropout: p must be in [0, 1), got " + std::to_string(p));
   const double t = p * 4294967296.0;  // drop when the 32-bit draw < t
   return {t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t + 0.5), 1.0 / (1.0 - p)};
 }
 
+template <typename Fn>
+void dropout_dispatch(const View& ref, Fn&& fn) {
+  py::gil_scoped_release nogil;
+  if (ref.dtype == DType::f32) {
+    fn(float{});
+  } else if (ref.dtype == DType::f64) {
+    fn(double{});
+  } else {
+    fn(BFloat16{});
+  }
+}
+
 void dropout(py::handle x_, py::handle y_, int64_t seed, double p, bool relu, int num_threads) {
   Arg x(x_, "input"), y(y_, "out");
-  check_group({&x.v}, {&y.v});
-  check_same_shape(x.v, y.v);
-  const DropoutParams d = dropout_params(x.v, p);
-  const int64_t n = x.v.numel();
-  dispatch("dropout", x.v, [&](auto t) {
+  const DropoutParams d = dropout_params({&x.v}, {&y.v}, p);
+  dropout_dispatch(x.v, [&](auto t) {
     using T = decltype(t);
-    dropout_cpu<T>(x.v.ptr<T>(), y.v.ptr<T>(), n, static_cast<uint64_t>(seed), d.threshold, T(d.scale), relu,
+    dropout_cpu<T>(x.v.ptr<T>(), y.v.ptr<T>(), x.v.numel(), static_cast<uint64_t>(seed), d.threshold, d.scale, relu,
                    threads_arg(num_threads));
-  }, [] { return 0; });
+  });
 }
 
 void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, int num_threads) {
   Arg grad(grad_, "grad"), gx(gx_, "grad_input");
-  check_group({&grad.v}, {&gx.v});
-  check_same_shape(grad.v, gx.v);
-  const DropoutParams d = dropout_params(grad.v, p);
-  const int64_t n = grad.v.numel();
-  dispatch("dropout_backward", grad.v, [&](auto t) {
+  const DropoutParams d = dropout_params({&grad.v}, {&gx.v}, p);
+  dropout_dispatch(grad.v, [&](auto t) {
     using T = decltype(t);
-    dropout_bwd_cpu<T>(grad.v.ptr<T>(), gx.v.ptr<T>(), n, static_cast<uint64_t>(seed), d.threshold, T(d.scale),
-                       threads_arg(num_threads));
-  }, [] { return 0; });
+    dropout_bwd_cpu<T>(grad.v.ptr<T>(), gx.v.ptr<T>(), grad.v.numel(), static_cast<uint64_t>(seed), d.threshold,
+                       d.scale, threads_arg(num_threads));
+  });
 }
 
 void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, double p, int num_threads) {
   Arg grad(grad_, "grad"), y(y_, "output"), gx(gx_, "grad_input");
-  check_group({&grad.v, &y.v}, {&gx.v});
-  check_same_shape(grad.v, y.v);
-  check_same_shape(grad.v, gx.v);
-  const DropoutParams d = dropout_params(grad.v, p);
-  const int64_t n = grad.v.numel();
-  dispatch("relu_dropout_backward", grad.v, [&](auto t) {
+  const DropoutParams d = dropout_params({&grad.v, &y.v}, {&gx.v}, p);
+  dropout_dispatch(grad.v, [&](auto t) {
     using T = decltype(t);
-    relu_dropout_bwd_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), n, T(d.scale), threads_arg(num_threads));
-  }, [] { return 0; });
+    relu_dropout_bwd_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), grad.v.numel(), d.scale,
+                            threads_arg(num_threads));
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 #include "dropout.h"
 
+#include <cstring>
+
 #include "parallel.h"
 
 namespace detrcore {
@@ -14,64 +16,100 @@ constexpr int64_t kGrain = 32768;  // elements per thread: smaller work is not w
 #define DETRCORE_CPU_CLONES
 #endif
 
+// Element access in the compute type: float for bfloat16 (round to nearest even on the way back, NaN kept quiet).
+template <typename T>
+struct Elem {
+  using C = T;
+  static C load(T v) { return v; }
+  static T store(C v) { return v; }
+};
+template <>
+struct Elem<BFloat16> {
+  using C = float;
+  static float load(BFloat16 v) {
+    const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static BFloat16 store(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {static_cast<uint16_t>(u >> 16)};
+  }
+};
+
 template <typename T, bool kRelu>
-DETRCORE_CPU_CLONES void forward_range(const T* x, T* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
-                                       T scale) {
+DETRCORE_CPU_CLONES void forward_range(const T* __restrict x, T* __restrict y, int64_t i0, int64_t i1, uint64_t seed,
+                                       uint32_t threshold, typename Elem<T>::C scale) {
+  using C = typename Elem<T>::C;
   for (int64_t i = i0; i < i1; ++i) {
     const bool keep = dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold;
-    T v = x[i];
-    if (kRelu) v = v > T(0) ? v : T(0);
-    y[i] = keep ? v * scale : T(0);
+    C v = Elem<T>::load(x[i]);
+    if (kRelu) v = v > C(0) ? v : C(0);
+    y[i] = Elem<T>::store(keep ? v * scale : C(0));
   }
 }
 
 template <typename T>
-DETRCORE_CPU_CLONES void backward_range(const T* g, T* gx, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
-                                        T scale) {
+DETRCORE_CPU_CLONES void backward_range(const T* __restrict g, T* __restrict gx, int64_t i0, int64_t i1, uint64_t seed,
+                                        uint32_t threshold, typename Elem<T>::C scale) {
+  using C = typename Elem<T>::C;
   for (int64_t i = i0; i < i1; ++i) {
-    gx[i] = dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold ? g[i] * scale : T(0);
+    const bool keep = dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold;
+    gx[i] = Elem<T>::store(keep ? Elem<T>::load(g[i]) * scale : C(0));
   }
 }
 
 template <typename T>
 DETRCORE_CPU_CLONES void relu_backward_range(const T* __restrict g, const T* __restrict y, T* __restrict gx, int64_t i0,
-                                             int64_t i1, T scale) {
-  for (int64_t i = i0; i < i1; ++i) gx[i] = y[i] > T(0) ? g[i] * scale : T(0);
+                                             int64_t i1, typename Elem<T>::C scale) {
+  using C = typename Elem<T>::C;
+  for (int64_t i = i0; i < i1; ++i) {
+    gx[i] = Elem<T>::store(Elem<T>::load(y[i]) > C(0) ? Elem<T>::load(g[i]) * scale : C(0));
+  }
 }
 
 }  // namespace
 
 template <typename T>
-void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, T scale, bool relu,
+void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, double scale, bool relu,
                  int num_threads) {
   parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
     if (relu) {
-      forward_range<T, true>(x, y, i0, i1, seed, threshold, scale);
+      forward_range<T, true>(x, y, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
     } else {
-      forward_range<T, false>(x, y, i0, i1, seed, threshold, scale);
+      forward_range<T, false>(x, y, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
     }
   });
 }
 
 template <typename T>
-void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, T scale,
+void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, double scale,
                      int num_threads) {
   parallel_for(n, kGrain, num_threads,
-               [&](int64_t i0, int64_t i1) { backward_range<T>(grad, grad_x, i0, i1, seed, threshold, scale); });
+               [&](int64_t i0, int64_t i1) {
+    backward_range<T>(grad, grad_x, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
+  });
 }
 
 template <typename T>
-void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, T scale, int num_threads) {
+void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads) {
   parallel_for(n, kGrain, num_threads,
-               [&](int64_t i0, int64_t i1) { relu_backward_range<T>(grad, y, grad_x, i0, i1, scale); });
+               [&](int64_t i0, int64_t i1) {
+    relu_backward_range<T>(grad, y, grad_x, i0, i1, static_cast<typename Elem<T>::C>(scale));
+  });
 }
 
 #define DETRCORE_INSTANTIATE(T)                                                                 \
-  template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, T, bool, int);        \
-  template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, T, int);          \
-  template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, T, int);
+  template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, bool, int);   \
+  template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, int);     \
+  template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, double, int);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)
+DETRCORE_INSTANTIATE(BFloat16)
 #undef DETRCORE_INSTANTIATE
 
 }  // namespace detrcore

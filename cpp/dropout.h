@@ -6,20 +6,25 @@
 //   dropout:            y = relu ? max(x, 0) * keep * scale : x * keep * scale
 //   dropout_bwd:        grad_x = grad * keep * scale                  (the mask regenerated from `seed`)
 //   relu_dropout_bwd:   grad_x = y > 0 ? grad * scale : 0             (y > 0 exactly where x > 0 and kept)
-// All pointers address contiguous memory; T = float or double.
+// All pointers address contiguous memory; T = float, double, or BFloat16 (bfloat16 bits, computed in float and
+// rounded once to nearest-even, as torch does: the dtype CPU autocast produces).
 #pragma once
 #include <cstdint>
 
 namespace detrcore {
 
+struct BFloat16 {
+  uint16_t bits;
+};
+
 template <typename T>
-void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, T scale, bool relu,
+void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, double scale, bool relu,
                  int num_threads);
 template <typename T>
-void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, T scale,
+void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, double scale,
                      int num_threads);
 template <typename T>
-void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, T scale, int num_threads);
+void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads);
 
 // The i-th draw of the stream (exposed for tests).
 inline uint32_t dropout_draw(uint64_t seed, uint64_t i) {

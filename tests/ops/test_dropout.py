@@ -15,10 +15,10 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_definition_and_keep_rate(dtype, p):
-    x = torch.randn(1000, 1001, dtype=dtype, generator=gen(1))
+    x = torch.randn(1000, 1001, generator=gen(1)).to(dtype)
     y = ops.dropout(x, p, generator=gen(2))
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] * (1 / (1 - p)), rtol=0, atol=0)
@@ -49,6 +49,20 @@ def test_backward_is_the_mask_times_the_scale():
     y = ops.dropout(x, 0.4, relu=True, generator=gen(7))
     (gx,) = torch.autograd.grad(y, x, g)
     torch.testing.assert_close(gx, torch.where(keep & (x > 0), g * (1 / 0.6), 0.0), rtol=0, atol=0)
+
+
+def test_bfloat16_matches_float32_rounded_once():
+    """bfloat16 (CPU autocast's dtype) is computed in float32 and rounded once: the float32 result, rounded."""
+    x = torch.randn(77, 130, generator=gen(20)).bfloat16().requires_grad_()
+    g = torch.randn(77, 130, generator=gen(21)).bfloat16()
+    for relu in (False, True):
+        y = ops.dropout(x, 0.3, relu=relu, generator=gen(22))
+        y32 = ops.dropout(x.detach().float(), 0.3, relu=relu, generator=gen(22))
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, y32.bfloat16())
+        (gx,) = torch.autograd.grad(y, x, g)
+        keep = (y32 != 0) if relu else (ops.dropout(torch.ones(77, 130), 0.3, generator=gen(22)) != 0)
+        assert torch.equal(gx, torch.where(keep, g.float() * (1 / 0.7), 0.0).bfloat16())
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -96,10 +110,10 @@ def test_identity_cases_and_torch_fallbacks():
     assert ops.dropout(x, 0.0) is x
     torch.testing.assert_close(ops.dropout(x, 0.5, training=False, relu=True), F.relu(x))
     assert torch.equal(ops.dropout(x, 1.0), torch.zeros_like(x))
-    xb = x.bfloat16()  # not a native dtype: torch's dropout
-    yb = ops.dropout(xb, 0.5)
-    assert yb.dtype == torch.bfloat16
-    torch.testing.assert_close(yb[yb != 0], xb[yb != 0] * 2)
+    xh = x.half()  # not a native dtype on the CPU: torch's dropout
+    yh = ops.dropout(xh, 0.5)
+    assert yh.dtype == torch.float16
+    torch.testing.assert_close(yh[yh != 0], xh[yh != 0] * 2)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.1", None])

@@ -75,32 +75,48 @@ def huggingface(variant: dict):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def run(repeats: int = 7, variants=None) -> dict:
+PRECISIONS = ("fp32", "bf16")  # bf16: both steps under torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _autocast(step, precision: str):
+    if precision == "fp32":
+        return step
+
+    def wrapped():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+
+    return wrapped
+
+
+def run(repeats: int = 7, variants=None, precisions=PRECISIONS) -> dict:
     rows, records = [], []
     for name in variants or VARIANTS:
-        torch.manual_seed(0)
-        steps, rec = {}, {"variant": name}
-        steps["ours"], rec["ours_params"] = ours(VARIANTS[name])
-        try:
-            steps["transformers"], rec["transformers_params"] = huggingface(VARIANTS[name])
-        except ImportError as e:
-            rec["transformers_error"] = str(e)
-        samples = time_interleaved(steps, repeats=repeats, min_time=0)
-        rec["ours_s"] = statistics.median(samples["ours"])
-        if "transformers" in samples:
-            rec["transformers_s"] = statistics.median(samples["transformers"])
-            ratios = [t / o for t, o in zip(samples["transformers"], samples["ours"])]
-            rec["speedup"] = ratio(samples["transformers"], samples["ours"])
-            rec["speedup_min"], rec["speedup_max"] = min(ratios), max(ratios)
-        rec["samples"] = samples
-        records.append(rec)
-        rows.append([name, rec.get("transformers_s", ""), rec["ours_s"], rec.get("speedup", ""),
-                     f"{rec['speedup_min']:.2f}-{rec['speedup_max']:.2f}" if "speedup" in rec else ""])
-        del steps
+        for precision in precisions:
+            torch.manual_seed(0)
+            steps, rec = {}, {"variant": name, "precision": precision}
+            steps["ours"], rec["ours_params"] = ours(VARIANTS[name])
+            try:
+                steps["transformers"], rec["transformers_params"] = huggingface(VARIANTS[name])
+            except ImportError as e:
+                rec["transformers_error"] = str(e)
+            samples = time_interleaved({k: _autocast(v, precision) for k, v in steps.items()}, repeats=repeats,
+                                       min_time=0)
+            rec["ours_s"] = statistics.median(samples["ours"])
+            if "transformers" in samples:
+                rec["transformers_s"] = statistics.median(samples["transformers"])
+                ratios = [t / o for t, o in zip(samples["transformers"], samples["ours"])]
+                rec["speedup"] = ratio(samples["transformers"], samples["ours"])
+                rec["speedup_min"], rec["speedup_max"] = min(ratios), max(ratios)
+            rec["samples"] = samples
+            records.append(rec)
+            rows.append([name, precision, rec.get("transformers_s", ""), rec["ours_s"], rec.get("speedup", ""),
+                         f"{rec['speedup_min']:.2f}-{rec['speedup_max']:.2f}" if "speedup" in rec else ""])
+            del steps
     print(f"\ntraining step (forward + loss + backward), batch {BATCH} x {HEIGHT}x{WIDTH}, ResNet-50, "
           f"{torch.get_num_threads()} threads, interleaved, median of {repeats} rounds (s; speedup: median of the "
           f"per-round ratios, and their range)")
-    table = print_table(["variant", "transformers s", "detrcore s", "speedup", "range"], rows)
+    table = print_table(["variant", "precision", "transformers s", "detrcore s", "speedup", "range"], rows)
     try:
         import transformers
 

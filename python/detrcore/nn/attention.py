@@ -42,4 +42,4 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (self.training and (key_padding_mask is None or key_padding_mask.dtype == torch.bool) and self.dropout > 0.0 and not need_weights and attn_mask is None and not is_causal
                 and self.batch_first and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
                 and query.dim() == 3 and query.device.type == "cpu"
-                and query.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"))
+                and query.dtype in (torch.float32, torch.float64, torch.bfloat16))

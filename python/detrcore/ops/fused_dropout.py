@@ -6,8 +6,8 @@ from torch's default CPU generator (so `torch.manual_seed` makes runs repeatable
 resume them exactly). The backward regenerates the mask from the seed; for `relu=True` it needs only the
 output (out > 0 exactly where the input was positive and kept). Results do not depend on the thread count.
 
-CUDA tensors, and CPU tensors other than float32/float64 (autocast's bfloat16, say), go through torch's own
-`F.dropout`, which is already one fused kernel there.
+CPU tensors of float32, float64 and bfloat16 (what CPU autocast produces; computed in float32, rounded once) run
+natively. CUDA tensors, and float16 on the CPU, go through torch's own `F.dropout` (one fused kernel on CUDA).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from . import _lib
 from ._lib import _C
 
 __all__ = ["dropout"]
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _native(t: Tensor) -> Tensor:
@@ -83,8 +85,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
             generator: torch.Generator | None = None) -> Tensor:
     """`F.dropout(input, p, training)`, or `F.dropout(F.relu(input), p, training)` with `relu=True`.
 
-    Kept elements are scaled by 1 / (1 - p). On the CPU in float32/float64 the native kernel runs (seeded from
-    `generator`, torch's default CPU generator if None); elsewhere torch's dropout.
+    Kept elements are scaled by 1 / (1 - p). On the CPU in float32/float64/bfloat16 the native kernel runs (seeded
+    from `generator`, torch's default CPU generator if None); elsewhere torch's dropout.
     """
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be a number in [0, 1], got {p!r}")
@@ -92,7 +94,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
         raise TypeError(f"dropout: input must be a torch.Tensor, got {type(input).__name__}")
     if not training or p == 0.0:
         return F.relu(input) if relu else input
-    if p == 1.0 or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+    if p == 1.0 or input.device.type != "cpu" or input.dtype not in _NATIVE_DTYPES:
         return F.dropout(F.relu(input) if relu else input, p, True)
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator)
     return _dropout(input, seed, float(p), relu)
