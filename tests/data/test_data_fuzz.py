@@ -12,7 +12,6 @@ import math
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

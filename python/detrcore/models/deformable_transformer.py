@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrcore.nn import Dropout, MSDeformAttn, MultiheadAttention
@@ -98,7 +97,8 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1, self.norm1 = Dropout(dropout), nn.LayerNorm(d_model)
         self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
-        self.act_dropout, self.dropout3, self.norm2 = Dropout(dropout, relu=True), Dropout(dropout), nn.LayerNorm(d_model)
+        self.act_dropout, self.dropout3 = Dropout(dropout, relu=True), Dropout(dropout)  # act_dropout: ReLU + dropout
+        self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
@@ -115,7 +115,8 @@ class DeformableDecoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.dropout2, self.norm2 = Dropout(dropout), nn.LayerNorm(d_model)
         self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
-        self.act_dropout, self.dropout4, self.norm3 = Dropout(dropout, relu=True), Dropout(dropout), nn.LayerNorm(d_model)
+        self.act_dropout, self.dropout4 = Dropout(dropout, relu=True), Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask):
         q = k = with_pos(tgt, query_pos)

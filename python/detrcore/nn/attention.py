@@ -3,7 +3,8 @@
 torch's own path draws that dropout mask with bernoulli_, which on the CPU costs more than the two attention
 matmuls it sits between (8 ms for DETR's 2 x 8 x 300 x 300 decoder weights on 2 threads, vs < 1 ms). Parameters,
 names and results are those of nn.MultiheadAttention (checkpoints load unchanged); everything this path does
-not cover (need_weights, attn_mask, float padding masks, causal, bias_k/v, unequal q/k/v sizes, eval mode, CUDA) is torch's forward.
+not cover (need_weights, attn_mask, float padding masks, causal, bias_k/v, unequal q/k/v sizes, eval mode,
+CUDA) is torch's forward.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _native_dropout_applies(self, query: Tensor, key_padding_mask: Tensor | None, need_weights: bool, attn_mask,
                                 is_causal: bool) -> bool:
-        return (self.training and (key_padding_mask is None or key_padding_mask.dtype == torch.bool) and self.dropout > 0.0 and not need_weights and attn_mask is None and not is_causal
-                and self.batch_first and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+        return (self.training and self.dropout > 0.0 and not need_weights and attn_mask is None and not is_causal
+                and (key_padding_mask is None or key_padding_mask.dtype == torch.bool) and self.batch_first
+                and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
                 and query.dim() == 3 and query.device.type == "cpu"
                 and query.dtype in (torch.float32, torch.float64, torch.bfloat16))
