@@ -89,16 +89,14 @@ void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold,
 template <typename T>
 void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, double scale,
                      int num_threads) {
-  parallel_for(n, kGrain, num_threads,
-               [&](int64_t i0, int64_t i1) {
+  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
     backward_range<T>(grad, grad_x, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
   });
 }
 
 template <typename T>
 void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads) {
-  parallel_for(n, kGrain, num_threads,
-               [&](int64_t i0, int64_t i1) {
+  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
     relu_backward_range<T>(grad, y, grad_x, i0, i1, static_cast<typename Elem<T>::C>(scale));
   });
 }

@@ -6,12 +6,14 @@
 // write the same element: deterministic whatever the thread count, no atomics. Per sample the four corner dot
 // products <grad_out, value_corner> give the weight and location gradients; four axpys scatter grad_value.
 //
-// Head-local copies. In [B, S, H, D] one head's rows are D values in every H*D: 128 bytes per kilobyte at the
-// DETR shape, a stride that maps them onto 1/8 of the L2 cache's sets, so its working set thrashes the cache
-// (measured: 83 ns per backward sample at H = 8 vs 35 ns at H = 1). So a (b, h) task copies its value rows into a
-// contiguous per-thread buffer, accumulates grad_value in a second one (zeroed there, in cache) and writes it
-// out once: every grad_value element is written by its owner, no separate memset. (The forward, split by query,
-// gained nothing from the same copies.)
+// Head-local copies. In [B, S, H, D] one head's value rows are D values in every H*D (128 bytes per kilobyte at
+// the DETR shape), and so are its rows of grad_out, locations and weights: a (b, h) task touching only those
+// wastes most of every cache set and page it uses (measured on 1 thread: 83 ns per backward sample at H = 8 vs
+// 35 ns at H = 1). When a task's samples outnumber its value rows (the encoder), it copies its value rows into a
+// contiguous per-thread buffer, accumulates grad_value in a second one (zeroed there, in cache), walks the
+// queries in order (each query's strided rows read once) and writes its grad_value slice out once: 83 -> 48 ns.
+// A decoder's few samples accumulate in place, level by level, after one contiguous parallel memset. (The
+// forward, split by query, gained nothing from the same copies.)
 #include "ms_deform_attn.h"
 
 #include <algorithm>
