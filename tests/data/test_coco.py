@@ -174,7 +174,7 @@ def test_corrupt_image_file(tmp_path):
 def test_image_size_mismatch_is_named(tmp_path):
     json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [1, 1, 5, 5])], CATS)
     write_png(tmp_path / "a.png", 50, 50)
-    with pytest.raises(ValueError, match="a.png decodes to 50x50"):
+    with pytest.raises(ValueError, match="a.png is 50x50 but .* says 64x48"):
         CocoDetection(tmp_path, json_path)[0]
 
 
@@ -264,3 +264,125 @@ def test_junk_lists_and_entries_name_the_json(tmp_path, edit):
     with pytest.raises(ValueError, match="ann|malformed") as e:  # was: TypeError / bare ValueError
         CocoDetection(tmp_path, json_path)
     assert str(json_path) in str(e.value)
+
+
+# Found by tests/data/test_data_fuzz.py (second round): values past the int64/float range, bytes that are not UTF-8,
+# nesting past the recursion limit, a damaged image header, ids pycocotools mis-scores.
+def _edited(tmp_path, edit, anns=((1, 1, [10, 10, 5, 5]), (1, 1, [1, 1, 5, 5]))):
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], list(anns), CATS)
+    data = json.loads(json_path.read_text())
+    edit(data)
+    json_path.write_text(json.dumps(data))
+    return json_path
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("bbox", [1, 1, 10**400, 5], "malformed bbox"),  # was: OverflowError
+    ("bbox", [True, True, 5, 5], "malformed bbox"),  # was: read as [1, 1, 5, 5]
+    ("bbox", ["1_0", "2", "5", "5"], "malformed bbox"),  # was: float("1_0") == 10.0
+    ("bbox", [1, 1, 1e-10, 5], "degenerate box"),  # was: kept, 0 wide once stored as float32
+    ("iscrowd", "0", "malformed annotation"),  # was: truthy, so left out of training as a crowd region
+    ("iscrowd", 2, "malformed annotation"),
+])
+def test_junk_annotation_values_are_counted_problems(tmp_path, field, value, kind):
+    json_path = _edited(tmp_path, lambda d: d["annotations"][1].update({field: value}))
+    with pytest.warns(UserWarning, match=kind):
+        ds = CocoDetection(tmp_path, json_path, on_error="skip")
+    assert ds.problems == {kind: 1} and ds[0][1]["boxes"].tolist() == [[10, 10, 15, 15]]
+    with pytest.raises(ValueError, match=f"annotation 2 in {json_path}"):
+        CocoDetection(tmp_path, json_path, on_error="raise")
+
+
+@pytest.mark.parametrize("field,value", [("id", 2**70), ("id", 1e300), ("id", 0), ("area", 10**400)],
+                         ids=["id-2**70", "id-1e300", "id-0", "area-10**400"])
+def test_out_of_range_ids_and_areas_fall_back(tmp_path, field, value):  # were: OverflowError (id, area)
+    json_path = _edited(tmp_path, lambda d: d["annotations"][0].update({field: value}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gt = CocoDetection(tmp_path, json_path, on_error="raise").coco_gt
+    ann = gt["annotations"][0]
+    assert ann["area"] == 25.0 and ("id" not in ann if field == "id" else ann["id"] == 1)
+
+
+def test_duplicate_or_zero_annotation_ids_do_not_corrupt_the_score(tmp_path):
+    """pycocotools indexes ground truth by id: with two boxes of one id it scores one box twice and the other never,
+    and it reads a matched id of 0 as "no match" (a perfect prediction scored AP50 0.25)."""
+    from detrcore.engine.evaluate import CocoEvaluator
+
+    boxes = [[1, 1, 5, 5], [10, 10, 5, 5], [30, 20, 10, 10]]
+    json_path = _edited(tmp_path, lambda d: [a.update(id=i) for a, i in zip(d["annotations"], (0, 4, 4))],
+                        [(1, 1, b) for b in boxes])
+    with pytest.raises(ValueError, match="annotation 4 .* has the id of an earlier annotation"):
+        CocoDetection(tmp_path, json_path, on_error="raise")
+    with pytest.warns(UserWarning, match="1 x duplicate annotation id"):
+        ds = CocoDetection(tmp_path, json_path)
+    assert [a.get("id") for a in ds.coco_gt["annotations"]] == [None, 4]  # the evaluator numbers the first
+    _, target = ds[0]
+    evaluator = CocoEvaluator(ds.coco_gt, ds.label_to_category_id)
+    evaluator.update({1: {"boxes": target["boxes"], "labels": target["labels"],
+                          "scores": torch.linspace(0.9, 0.8, len(target["labels"]))}})
+    assert evaluator.summarize()["AP50"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("raw,match", [
+    ('{"images": ' + "[" * 100_000, "nested too deeply"),  # was: RecursionError
+    ('{"x": ' + "9" * 5000 + "}", "cannot be read as JSON"),  # was: ValueError naming no file
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not valid JSON"),  # was: UnicodeDecodeError naming no file
+], ids=["nested-100000-deep", "integer-of-5000-digits", "binary"])
+def test_unreadable_json_names_the_file(tmp_path, raw, match):
+    path = tmp_path / "ann.json"
+    path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+    with pytest.raises(ValueError, match=match) as e:
+        CocoDetection(tmp_path, path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_json_with_a_bom_or_in_utf16_is_read(tmp_path, encoding):  # was: rejected / UnicodeDecodeError
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [1, 1, 5, 5])], [{"id": 1, "name": "café"}])
+    json_path.write_bytes(json_path.read_text().encode(encoding))
+    ds = CocoDetection(tmp_path, json_path, on_error="raise")
+    assert ds.class_names == ["café"] and len(ds[0][1]["boxes"]) == 1
+
+
+def test_file_name_the_file_system_refuses_is_a_missing_image(tmp_path):  # was: OSError ENAMETOOLONG
+    json_path = _edited(tmp_path, lambda d: d["images"][0].update(file_name="x" * 300))
+    with pytest.raises(FileNotFoundError, match="File name too long.*image id 1"):
+        CocoDetection(tmp_path, json_path, on_error="raise")
+    with pytest.warns(UserWarning, match="1 x missing image file"):
+        assert len(CocoDetection(tmp_path, json_path)) == 0
+
+
+def test_absurd_image_size_names_the_json(tmp_path):  # was: accepted; a box of inf width once stored as float32
+    json_path = _edited(tmp_path, lambda d: d["images"][0].update(width=10**40))
+    with pytest.raises(ValueError, match="malformed image entry .*not a positive integer below 2\\*\\*31") as e:
+        CocoDetection(tmp_path, json_path)
+    assert str(json_path) in str(e.value)
+
+
+def test_any_decoder_failure_names_the_image(tmp_path, monkeypatch):
+    """Pillow raises DecompressionBombError (not an OSError) for a header claiming a huge image; other damage makes
+    its plugins raise TypeError, struct.error, ... All become ValueError naming the file."""
+    from PIL import Image
+
+    from detrcore.data import load_image
+
+    path = write_png(tmp_path / "a.png", 64, 48)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 is now more than twice the limit
+    with pytest.raises(ValueError, match=f"cannot decode image file {path}: DecompressionBombError"):
+        load_image(path)
+    monkeypatch.setattr(Image.Image, "convert", lambda *a, **k: (_ for _ in ()).throw(TypeError("plugin bug")))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(ValueError, match=f"cannot decode image file {path}: TypeError: plugin bug"):
+        load_image(path)
+
+
+def test_size_mismatch_is_found_before_decoding(tmp_path, monkeypatch):
+    """A damaged header can claim a gigapixel image: the JSON's size is compared with the header first."""
+    from PIL import Image
+
+    json_path = write_coco(tmp_path, [(1, "a.png", 64, 48)], [(1, 1, [1, 1, 5, 5])], CATS)
+    write_png(tmp_path / "a.png", 50, 50)
+    monkeypatch.setattr(Image.Image, "convert", lambda *a, **k: pytest.fail("decoded an image of the wrong size"))
+    with pytest.raises(ValueError, match="a.png is 50x50 but .* says 64x48"):
+        CocoDetection(tmp_path, json_path)[0]

@@ -55,9 +55,22 @@ def test_resize_keeps_a_constant_image_constant():
 
 
 @pytest.mark.parametrize("hw,size,max_size,want", [((48, 64), 32, None, (32, 42)), ((64, 48), 32, None, (42, 32)),
-                                                   ((100, 400), 200, 400, (100, 400)), ((48, 64), 48, 1000, (48, 64))])
+                                                   ((100, 400), 200, 400, (100, 400)), ((48, 64), 48, 1000, (48, 64)),
+                                                   ((1, 1000), 320, 400, (1, 1000)), ((2, 900), 320, 400, (1, 450)),
+                                                   ((300, 1), 32, 64, (300, 1))])
 def test_size_with_aspect_ratio(hw, size, max_size, want):
     assert size_with_aspect_ratio(hw, size, max_size) == want
+
+
+# Found by tests/data/test_data_fuzz.py: the shorter side rounded to 0 (RuntimeError from F.interpolate).
+@pytest.mark.parametrize("hw", [(1, 1000), (1000, 1), (2, 900), (300, 1)])
+def test_recipes_on_extreme_aspect_ratios(hw):
+    image, target = _sample(*hw, boxes=((0, 0, hw[1], hw[0]),))
+    for transform in (eval_transforms(NORM), train_transforms(NORM, scales=(32, 48), max_size=64)):
+        for _ in range(4):
+            out, t = transform(image, target)
+            assert min(out.shape[-2:]) >= 1 and t["size"].tolist() == list(out.shape[-2:])
+            torch.testing.assert_close(t["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
 
 
 def test_random_resize_shorter_side():

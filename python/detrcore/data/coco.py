@@ -12,14 +12,19 @@ Transforms are callables `(image, target) -> (image, target)` (see transforms.py
 normalised cxcywh in [0, 1].
 
 Data problems and `on_error`:
-    annotation problems (unknown category id, degenerate box after clipping, malformed bbox, annotation of an
-    unknown image) and missing image files are found at construction. "raise": the first one raises (ValueError /
+    annotation problems (unknown category id, degenerate box after clipping, malformed bbox (anything but 4 finite
+    JSON numbers), iscrowd other than 0/1, an id repeated among the kept annotations, annotation of an unknown
+    image) and missing image files are found at construction. "raise": the first one raises (ValueError /
     FileNotFoundError) naming the JSON or image file; "skip": the annotation (or image) is dropped and ONE warning
     summarises the counts per problem, with an example of each.
+    A JSON that cannot be read (not UTF-8/16/32, invalid, nested too deeply) or whose categories or image entries
+    are malformed raises ValueError naming it, whatever `on_error` says.
     Corrupt image files are found lazily (decoding every image up front is slow): `__getitem__` raises a
-    ValueError naming the file, whatever `on_error` says; `verify_images=True` checks every header up front.
+    ValueError naming the file, whatever `on_error` says; so does an image whose header gives another size than
+    the JSON (checked before decoding); `verify_images=True` checks every header up front.
     `iscrowd=1` annotations are left out of the targets (not a problem; `coco_gt` keeps them for COCOeval); images
-    without annotations are kept (valid background samples).
+    without annotations are kept (valid background samples). Annotation ids that are not integers in
+    [1, 2**63) are dropped (the evaluator numbers such annotations); junk `area` values fall back to the box's.
 """
 from __future__ import annotations
 
@@ -41,18 +46,29 @@ Transform = Callable[[Tensor, dict], "tuple[Tensor, dict]"]
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
-    """Decodes an image file with Pillow into float32 Tensor[3, H, W] in [0, 1] (RGB); ValueError naming the file
-    when Pillow cannot read it."""
-    from PIL import Image, UnidentifiedImageError
+    """Decodes an image file with Pillow into float32 Tensor[3, H, W] in [0, 1] (RGB); FileNotFoundError for a
+    missing file, ValueError naming the file for one that Pillow cannot decode."""
+    return _load_image(path)[0]
+
+
+def _load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> tuple[Tensor | None, tuple[int, int]]:
+    """(image as in `load_image`, (width, height) from the file's header). With `size` given and a header that says
+    otherwise, nothing is decoded and the image is None: a damaged header can claim a gigapixel image."""
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
+            if size is not None and img.size != tuple(size):
+                return None, img.size
             arr = np.asarray(img.convert("RGB"))  # [H, W, 3] uint8
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image file {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a damaged file makes Pillow's decoders raise OSError, SyntaxError,
+        # DecompressionBombError, TypeError, struct.error, ...: all of them mean "cannot decode"
+        raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), (arr.shape[1], arr.shape[0])
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -98,7 +114,8 @@ class CocoDetection(torch.utils.data.Dataset):
         for c in cats:
             cid = _as_id(c.get("id")) if isinstance(c, dict) else None
             if cid is None:
-                raise ValueError(f"{self.coco_json_path}: malformed category entry {c!r} (needs an integer 'id')")
+                raise ValueError(f"{self.coco_json_path}: malformed category entry {_brief(c)} (needs an integer "
+                                 f"'id')")
             parsed.append({"id": cid, "name": str(c.get("name", cid))})
         cats = sorted(parsed, key=lambda c: c["id"])
         ids = [c["id"] for c in cats]
@@ -157,13 +174,17 @@ class CocoDetection(torch.utils.data.Dataset):
                     raise ValueError("needs an integer 'id' and a 'file_name' string")
                 width, height = _as_size(entry.get("width")), _as_size(entry.get("height"))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{self.coco_json_path}: malformed image entry {entry!r} ({e})") from e
+                raise ValueError(f"{self.coco_json_path}: malformed image entry {_brief(entry)} ({e})") from e
             if image_id in images:
                 raise ValueError(f"{self.coco_json_path}: duplicate image id {image_id}")
             path = self.image_dir / file_name
-            if not path.is_file():
-                self._problem("missing image file", f"image file not found: {path} (image id {image_id} in "
-                              f"{self.coco_json_path})", FileNotFoundError)
+            try:
+                found, why = path.is_file(), ""
+            except OSError as e:  # a file_name the file system refuses (ENAMETOOLONG, ...)
+                found, why = False, f"{e.strerror}; "
+            if not found:
+                self._problem("missing image file", f"image file not found: {_brief(str(path))} ({why}image id "
+                              f"{image_id} in {self.coco_json_path})", FileNotFoundError)
                 self._skipped_images.add(image_id)
                 continue
             if verify or not width or not height:
@@ -189,8 +210,10 @@ class CocoDetection(torch.utils.data.Dataset):
         sets aside iscrowd=1 annotations (self._crowd_gt)."""
         out: dict[int, list] = {}
         self._crowd_gt: list[dict] = []
+        kept_ids: set[int] = set()
         for k, a in enumerate(anns):
-            where = f"annotation {a.get('id', f'#{k}') if isinstance(a, dict) else f'#{k}'} in {self.coco_json_path}"
+            name = _brief(a.get("id", f"#{k}")) if isinstance(a, dict) else f"#{k}"
+            where = f"annotation {name} in {self.coco_json_path}"
             if not isinstance(a, dict):
                 self._problem("malformed annotation", f"{where} is not an object")
                 continue
@@ -199,40 +222,54 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue  # its image was skipped (and counted) already
             if image is None:
                 self._problem("annotation of an unknown or skipped image",
-                              f"{where} refers to image id {a.get('image_id')!r}, not among the usable images")
+                              f"{where} refers to image id {_brief(a.get('image_id'))}, not among the usable images")
                 continue
             label = self.category_id_to_label.get(_as_id(a.get("category_id")))
             if label is None:
                 self._problem("unknown category id", f"{where} (image {image['path']}) has category_id "
-                              f"{a.get('category_id')!r}, not among {self.label_to_category_id}")
+                              f"{_brief(a.get('category_id'))}, not among {_brief(self.label_to_category_id)}")
                 continue
             bbox = a.get("bbox")
-            try:
-                if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                    raise ValueError("not a list [x, y, w, h]")
-                x, y, w, h = (float(v) for v in bbox)
-                if not all(np.isfinite([x, y, w, h])):
-                    raise ValueError("non-finite value")
-            except (TypeError, ValueError) as e:
-                self._problem("malformed bbox", f"{where} (image {image['path']}) has bbox {bbox!r} ({e})")
+            xywh = [_as_float(v) for v in bbox] if isinstance(bbox, list) and len(bbox) == 4 else []
+            if len(xywh) != 4 or not all(v is not None and math.isfinite(v) for v in xywh):
+                self._problem("malformed bbox", f"{where} (image {image['path']}) has bbox {_brief(bbox)} (needs "
+                              f"[x, y, w, h], 4 finite numbers)")
                 continue
-            x0, y0 = min(max(x, 0.0), image["width"]), min(max(y, 0.0), image["height"])
-            x1, y1 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
-            if x1 - x0 <= 0 or y1 - y0 <= 0:
-                self._problem("degenerate box", f"{where} (image {image['path']}, {image['width']}x"
-                              f"{image['height']}) has bbox xywh {bbox!r}: zero width or height after clipping")
+            x, y, w, h = xywh
+            W, H = image["width"], image["height"]
+            # clipped to the image and rounded to float32 as stored, so "w > 0 and h > 0" holds for what is stored
+            x0, y0, x1, y1 = (float(np.float32(min(max(v, 0.0), hi))) for v, hi in ((x, W), (y, H), (x + w, W),
+                                                                                    (y + h, H)))
+            if x1 <= x0 or y1 <= y0:
+                self._problem("degenerate box", f"{where} (image {image['path']}, {W}x{H}) has bbox xywh "
+                              f"{_brief(bbox)}: zero width or height after clipping")
                 continue
-            area = a.get("area")
-            if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 < area < math.inf:
-                area = (x1 - x0) * (y1 - y0)  # absent or unusable: the clipped box's
+            crowd = a.get("iscrowd", 0)
+            if crowd is None or isinstance(crowd, bool):
+                crowd = int(bool(crowd))
+            if not isinstance(crowd, (int, float)) or crowd not in (0, 1):
+                self._problem("malformed annotation", f"{where} (image {image['path']}) has iscrowd "
+                              f"{_brief(crowd)} (needs 0 or 1)")
+                continue
             ann_id = _as_id(a.get("id"))
-            if a.get("iscrowd", 0):  # not a training target, but the evaluator needs it (matches are ignored)
+            if ann_id is not None and not 0 < ann_id < 2**63:
+                ann_id = None  # the evaluator numbers it (pycocotools takes an id of 0 for "no match": wrong scores)
+            if ann_id is not None and ann_id in kept_ids:
+                self._problem("duplicate annotation id", f"{where} (image {image['path']}) has the id of an "
+                              f"earlier annotation (the evaluator would score one box twice and the other never)")
+                continue
+            if ann_id is not None:
+                kept_ids.add(ann_id)
+            area = _as_float(a.get("area"))
+            if area is None or not 0 < area < math.inf:
+                area = (x1 - x0) * (y1 - y0)  # absent or unusable: the clipped box's
+            if crowd:  # not a training target, but the evaluator needs it (matches are ignored)
                 self._crowd_gt.append({"id": ann_id, "image_id": image["id"],
                                        "category_id": self.label_to_category_id[label],
                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "iscrowd": 1})
                 continue
             rows = out.setdefault(image["id"], [])
-            rows.append((x0, y0, x1, y1, label, float(area), -1 if ann_id is None else ann_id))
+            rows.append((x0, y0, x1, y1, label, area, -1 if ann_id is None else ann_id))
         # one set of numpy arrays per image (few Python objects: cheap to share with forked DataLoader workers)
         return {image_id: {"boxes": np.asarray([r[:4] for r in rows], dtype=np.float32).reshape(-1, 4),  # [N, 4]
                            "labels": np.asarray([r[4] for r in rows], dtype=np.int64),  # [N]
@@ -257,7 +294,7 @@ class CocoDetection(torch.utils.data.Dataset):
                                                              t["area"].tolist(), t["ann_id"].tolist()):
                 a = {"image_id": im["id"], "category_id": self.label_to_category_id[label],
                      "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "iscrowd": 0}
-                anns.append({"id": ann_id, **a} if ann_id >= 0 else a)
+                anns.append({"id": ann_id, **a} if ann_id > 0 else a)
         anns += [{k: v for k, v in a.items() if v is not None} for a in self._crowd_gt]
         return {**self._info, "images": images, "annotations": anns,
                 "categories": [dict(c) for c in self.categories]}
@@ -271,10 +308,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         info = self._images[index]
-        image = load_image(info["path"])  # [3, H, W]
-        h, w = image.shape[-2:]
-        if (w, h) != (info["width"], info["height"]):
-            raise ValueError(f"{info['path']} decodes to {w}x{h} but {self.coco_json_path} says "
+        image, (w, h) = _load_image(info["path"], size=(info["width"], info["height"]))  # [3, H, W]
+        if image is None:
+            raise ValueError(f"{info['path']} is {w}x{h} but {self.coco_json_path} says "
                              f"{info['width']}x{info['height']}: its boxes would be wrong")
         t = self._targets[index]
         target = {"boxes": torch.from_numpy(t["boxes"].copy()),  # [N, 4] xyxy pixels, float32
@@ -303,14 +339,33 @@ def _as_id(value) -> int | None:
     return None
 
 
+def _as_float(value) -> float | None:
+    """A JSON number as a float; None for anything else (strings, bools, lists, integers beyond the float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _brief(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for messages quoting junk of any size or depth."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested deeper than the recursion limit; an integer of > 4300 digits
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 5] + " ...>"
+
+
 def _as_size(value) -> int | None:
-    """An image width/height from the JSON: a positive integral number, 0/None when absent (read from the file);
-    raises ValueError for anything else."""
+    """An image width/height from the JSON: a positive integral number below 2**31, 0/None when absent (read from
+    the file); raises ValueError for anything else."""
     if value is None or (not isinstance(value, bool) and value == 0):
         return None
     size = _as_id(value)
-    if size is None or size < 0:
-        raise ValueError(f"not a positive integer: {value!r}")
+    if size is None or not 0 < size < 2**31:
+        raise ValueError(f"not a positive integer below 2**31: {_brief(value)}")
     return size
 
 
@@ -318,10 +373,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes())  # UTF-8 with or without a BOM, UTF-16 or UTF-32 (detected, RFC 8259)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise ValueError(f"{path} cannot be read as JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{path} cannot be read as JSON: lists/objects nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO JSON object, got {type(data).__name__}")
     return data

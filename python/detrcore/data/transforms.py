@@ -81,12 +81,13 @@ def crop(image: Tensor, target: dict, top: int, left: int, height: int, width: i
 
 
 def size_with_aspect_ratio(hw: tuple[int, int], size: int, max_size: int | None = None) -> tuple[int, int]:
-    """(h, w) whose shorter side is `size` (shrunk so the longer side stays <= max_size), as DETR computes it."""
+    """(h, w) whose shorter side is `size` (shrunk so the longer side stays <= max_size), as DETR computes it; the
+    shorter side is at least 1 pixel (with max_size=400 a 1x1000 image stays 1x1000: rounding would make it 0x0)."""
     h, w = hw
     if max_size is not None:
         short, long = float(min(h, w)), float(max(h, w))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = max(1, int(round(max_size * short / long)))
     if (w <= h and w == size) or (h <= w and h == size):
         return h, w
     if w < h:
