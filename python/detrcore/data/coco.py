@@ -183,7 +183,7 @@ class CocoDetection(torch.utils.data.Dataset):
             except OSError as e:  # a file_name the file system refuses (ENAMETOOLONG, ...)
                 found, why = False, f"{e.strerror}; "
             if not found:
-                self._problem("missing image file", f"image file not found: {_brief(str(path))} ({why}image id "
+                self._problem("missing image file", f"image file not found: {_cut(str(path), 160)} ({why}image id "
                               f"{image_id} in {self.coco_json_path})", FileNotFoundError)
                 self._skipped_images.add(image_id)
                 continue
@@ -212,7 +212,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._crowd_gt: list[dict] = []
         kept_ids: set[int] = set()
         for k, a in enumerate(anns):
-            name = _brief(a.get("id", f"#{k}")) if isinstance(a, dict) else f"#{k}"
+            name = _brief(a["id"]) if isinstance(a, dict) and "id" in a else f"#{k}"
             where = f"annotation {name} in {self.coco_json_path}"
             if not isinstance(a, dict):
                 self._problem("malformed annotation", f"{where} is not an object")
@@ -355,7 +355,11 @@ def _brief(value, limit: int = 80) -> str:
         text = repr(value)
     except (RecursionError, ValueError):  # nested deeper than the recursion limit; an integer of > 4300 digits
         text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 5] + " ...>"
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
 
 
 def _as_size(value) -> int | None:
