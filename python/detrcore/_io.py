@@ -13,7 +13,8 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path beside `path`; once the body succeeds it replaces `path` in one `os.replace`.
+    """Yields a temporary path beside `path`; once the body succeeds it is fsynced and replaces `path` in one
+    `os.replace`.
 
     On failure the temporary file is removed and `path` is left as it was. Parent folders are created.
     """
@@ -24,6 +25,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read by others
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # the data reaches the disk before the rename does: a power cut leaves the old file or the new one
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

@@ -234,3 +234,18 @@ def test_save_json_failure_leaves_old_file_and_no_temp(tmp_path):
         save_json({"AP": object()}, out)  # not serialisable: fails half-way
     assert json.loads(out.read_text()) == {"AP": 0.5}
     assert os.listdir(tmp_path) == ["coco.json"]
+
+
+@pytest.mark.parametrize("bad_ids", [[0, 2, 3, 4, 5], [1, 1, 3, 3, 5], [1, "a", 3, 2.0, True]])
+def test_unusable_annotation_ids_are_renumbered(bad_ids):
+    """pycocotools takes id 0 for "unmatched" and indexes by id: such ids must not reach it as they are."""
+    gt = make_gt()
+    for a, i in zip(gt["annotations"], bad_ids):
+        a["id"] = i
+    ev = CocoEvaluator(gt, LABEL_TO_CAT)
+    ids = [a["id"] for a in ev.coco_gt.dataset["annotations"]]
+    assert len(set(ids)) == len(ids) and all(isinstance(i, int) and i > 0 for i in ids)
+    ev.update(perfect_predictions(gt))
+    s = ev.summarize()
+    assert s["AP50"] == pytest.approx(1.0) and s["AP"] == pytest.approx(1.0)
+    assert [a["id"] for a in gt["annotations"]] == bad_ids  # the caller's dict is not modified

@@ -58,6 +58,10 @@ def _as_numpy(x, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _is_ann_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _none_if_missing(v: float) -> float | None:
     return None if v < 0 else float(v)
 
@@ -90,12 +94,17 @@ class CocoEvaluator:
         if "categories" not in dataset:
             raise ValueError("coco_gt_json has no categories")
         dataset.setdefault("annotations", [])
-        next_id = 1 + max((a["id"] for a in dataset["annotations"] if "id" in a), default=0)
+        # pycocotools matches by annotation id and takes 0 for "unmatched": an id of 0, a repeated id or a missing
+        # one would score a perfect prediction wrongly (AP50 0.25 in a test). Ids are only used for matching, so
+        # such annotations are renumbered past the largest valid id.
+        valid = [a["id"] for a in dataset["annotations"] if _is_ann_id(a.get("id"))]
+        next_id, seen = 1 + max(valid, default=0), set()
         for a in dataset["annotations"]:
             a.setdefault("iscrowd", 0)
             a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
-            if "id" not in a:
+            if not _is_ann_id(a.get("id")) or a["id"] in seen:
                 a["id"], next_id = next_id, next_id + 1
+            seen.add(a["id"])
         self.coco_gt = COCO()
         self.coco_gt.dataset = dataset
         with _quiet(verbose):
