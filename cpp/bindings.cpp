@@ -696,6 +696,7 @@ py::dict build_info() {
   d["cuda_runtime_version"] = py::none();
 #endif
   d["compiler"] = DETRCORE_COMPILER;
+  d["openmp"] = parallel_uses_openmp();
   return d;
 }
 

@@ -10,6 +10,9 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #endif
+#if defined(DETRCORE_WITH_OPENMP)
+#include <omp.h>
+#endif
 
 namespace detrcore {
 namespace {
@@ -103,11 +106,21 @@ class Pool {
 
 std::atomic<Pool*> g_pool{nullptr};
 std::mutex g_pool_mutex;
+// True in a process forked from the one that loaded us. GNU OpenMP's thread pool does not survive fork(): a
+// parallel region in the child waits forever for the parent's threads (torch's own ops hang there the same
+// way), so a forked child uses our pool instead.
+std::atomic<bool> g_forked{false};
 
 #if defined(__unix__) || defined(__APPLE__)
 // After fork() the child has none of the parent's threads; abandon (leak) the parent's pool object, whose
 // mutexes may be held, and let the child build its own on first use.
-void forget_pool_in_child() { g_pool.store(nullptr); }
+void after_fork_in_child() {
+  g_pool.store(nullptr);
+  g_forked.store(true);
+}
+// Registered when the library loads, not on first use: the parent may have run OpenMP regions (torch's) before
+// it ever calls us.
+const bool g_atfork_registered = (pthread_atfork(nullptr, nullptr, after_fork_in_child), true);
 #endif
 
 Pool& pool() {
@@ -116,17 +129,44 @@ Pool& pool() {
   std::lock_guard<std::mutex> g(g_pool_mutex);
   p = g_pool.load();
   if (!p) {
-#if defined(__unix__) || defined(__APPLE__)
-    static bool registered = (pthread_atfork(nullptr, nullptr, forget_pool_in_child), true);
-    (void)registered;
-#endif
     p = new Pool();  // lives for the process; never destroyed (workers may outlive static destructors)
     g_pool.store(p);
   }
   return *p;
 }
 
+// Runs the job's chunks on up to `threads` threads. OpenMP first, where it is built in: in a process that also
+// runs torch it is the same runtime (libgomp.so.1, loaded once) and the same threads torch's own ops use, so
+// the two take turns on the cores instead of our workers competing with torch's spinning ones. Our pool
+// otherwise; serially on the caller from inside a worker or an OpenMP region.
+void run_job(Job& job, int threads) {
+  if (threads > 1 && !t_in_worker) {
+#if defined(DETRCORE_WITH_OPENMP)
+    if (!omp_in_parallel() && !g_forked.load(std::memory_order_relaxed)) {
+#pragma omp parallel num_threads(threads)
+      {
+        t_in_worker = true;
+        job.run_chunks();
+        t_in_worker = false;
+      }
+      return;
+    }
+    if (omp_in_parallel()) threads = 1;
+#endif
+    if (threads > 1 && pool().run(job, threads)) return;
+  }
+  job.run_chunks();
+}
+
 }  // namespace
+
+bool parallel_uses_openmp() {
+#if defined(DETRCORE_WITH_OPENMP)
+  return !g_forked.load();
+#else
+  return false;
+#endif
+}
 
 int64_t parallel_chunks(int64_t n, int64_t grain, int num_threads) {
   if (n <= 0) return 0;
@@ -142,7 +182,7 @@ void parallel_for(int64_t n, int64_t grain, int num_threads, const std::function
   job.fn = &fn;
   job.n = n;
   job.chunks = chunks;
-  if (chunks == 1 || t_in_worker || !pool().run(job, static_cast<int>(chunks))) job.run_chunks();
+  run_job(job, static_cast<int>(chunks));
   if (job.error) std::rethrow_exception(job.error);
 }
 
@@ -156,7 +196,7 @@ void parallel_for_each(int64_t n, int num_threads, const std::function<void(int6
   job.n = n;
   job.chunks = n;
   const int threads = static_cast<int>(std::min<int64_t>(n, std::max(num_threads, 1)));
-  if (threads == 1 || t_in_worker || !pool().run(job, threads)) job.run_chunks();
+  run_job(job, threads);
   if (job.error) std::rethrow_exception(job.error);
 }
 

@@ -1,9 +1,14 @@
-// parallel_for over an index range on a persistent pool of std::threads.
+// parallel_for over an index range: on OpenMP threads where the core is built with OpenMP, else on a persistent
+// pool of std::threads.
 //
 // The caller passes the thread count (the Python layer passes torch.get_num_threads()), so the core follows
-// torch's setting without linking a second OpenMP runtime. The pool survives fork(): a child process starts
-// with a fresh pool (DataLoader workers fork after the parent has used it). A parallel_for issued from inside
-// a worker runs serially on that worker. An exception thrown by any chunk is rethrown on the caller.
+// torch's setting. OpenMP is GNU's libgomp.so.1, linked by soname: in a process that imported torch first it is
+// torch's own copy, already loaded (one runtime, no second thread team), so our regions and torch's take turns on
+// the same threads; a pool of our own would wake while torch's OpenMP threads still spin after each of its ops
+// and fight them for the cores (the decoder-shape MSDA backward ran 1.4-1.8x slower that way). A process forked
+// from one that loaded the core uses the pool (GNU OpenMP hangs in such a child), which starts fresh there. A
+// parallel_for issued from inside a worker or an OpenMP region runs serially on that thread. An exception thrown
+// by any chunk is rethrown on the caller.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -20,6 +25,9 @@ void parallel_for_each(int64_t n, int num_threads, const std::function<void(int6
 
 // The number of chunks parallel_for(n, grain, num_threads, ...) will use, and chunk c's [begin, end).
 int64_t parallel_chunks(int64_t n, int64_t grain, int num_threads);
+// True when parallel_for runs on OpenMP threads in this process (built with OpenMP, not a forked child).
+bool parallel_uses_openmp();
+
 inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
 
 }  // namespace detrcore

@@ -1,5 +1,7 @@
 // parallel_for / parallel_for_each: every index exactly once, exceptions reach the caller, nested calls run
-// serially, concurrent callers are safe, and a forked child gets a working pool.
+// serially, concurrent callers are safe, and a forked child gets a working pool. Built twice by CI: with the
+// std::thread pool and with OpenMP (-fopenmp -DDETRCORE_WITH_OPENMP=1), where calls from inside an OpenMP region
+// run serially and a child forked after OpenMP regions ran (GNU OpenMP's pool is dead there) still works.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,6 +10,9 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
+#if defined(DETRCORE_WITH_OPENMP)
+#include <omp.h>
+#endif
 
 #include "parallel.h"
 
@@ -69,6 +74,33 @@ int main() {
     });
   for (auto& t : callers) t.join();
   EXPECT(ok.load() == 200);
+
+  // Work really is spread: with 2 chunks that each wait for the other, a serial run would never finish.
+  std::atomic<int> arrived{0};
+  bool spread = true;
+  parallel_for(2, 1, 2, [&](int64_t, int64_t) {
+    arrived++;
+    for (int spin = 0; arrived.load() < 2; ++spin)
+      if (spin > 200000000) {
+        spread = false;
+        break;
+      }
+  });
+  EXPECT(spread);
+
+#if defined(DETRCORE_WITH_OPENMP)
+  std::atomic<int64_t> inside{0};
+  std::atomic<int> outer_threads{0};
+#pragma omp parallel num_threads(3)
+  {
+    outer_threads++;
+    parallel_for(100, 1, 4, [&](int64_t b, int64_t e) {
+      EXPECT(omp_get_num_threads() == 3);  // still on the outer team: no nested region was opened
+      inside += e - b;
+    });
+  }
+  EXPECT(inside.load() == 100 * outer_threads.load());
+#endif
 
   pid_t pid = fork();
   if (pid == 0) _exit(covers_once(1000, 1, 4) ? 0 : 1);

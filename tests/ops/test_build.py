@@ -11,9 +11,9 @@ from detrcore import _C
 
 def test_build_info_fields():
     info = ops.build_info()
-    for key in ("version", "cuda", "cuda_archs", "cuda_version"):
+    for key in ("version", "cuda", "cuda_archs", "cuda_version", "openmp"):
         assert key in info
-    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
     import detrcore
 
     assert info["version"] == detrcore.__version__

@@ -1,5 +1,9 @@
 """ms_deform_attn against its grid_sample twin: values and gradients on every device and dtype, odd sizes,
 float64 gradcheck, non-contiguous inputs, determinism, opcheck, torch.compile and named errors."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -261,3 +265,30 @@ def test_cuda_non_default_stream_and_cpu_agreement():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     cpu = ops.ms_deform_attn(value.cpu(), ss.cpu(), ls.cpu(), loc.cpu(), aw.cpu())
     torch.testing.assert_close(want.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_op_runs_in_a_child_forked_after_openmp_work():
+    # GNU OpenMP's threads do not survive fork(): torch's own parallel ops hang in such a child. Ours must not
+    # (DataLoader workers and multiprocessing fork after the parent ran both torch's OpenMP regions and ours).
+    code = textwrap.dedent("""
+        import os, torch
+        from detrcore import ops
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        shapes = torch.tensor([[32, 24], [16, 12]])
+        start = torch.tensor([0, 32 * 24])
+        value = torch.randn(2, 32 * 24 + 16 * 12, 4, 8, generator=g)
+        loc = torch.rand(2, 200, 4, 2, 3, 2, generator=g)
+        w = torch.rand(2, 200, 4, 2, 3, generator=g)
+        (torch.randn(512, 512) @ torch.randn(512, 512)).exp().sum()  # torch's OpenMP team is up
+        want = ops.ms_deform_attn(value, shapes, start, loc, w)
+        pid = os.fork()
+        if pid == 0:
+            got = ops.ms_deform_attn(value, shapes, start, loc, w)
+            os._exit(0 if torch.equal(got, want) else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

@@ -20,7 +20,8 @@ def build_info() -> dict[str, Any]:
 
     Returns a dict with `version`, `cuda` (True when CUDA kernels are compiled in), `cuda_archs` (e.g.
     "80-real,90-real,90-virtual"), `cuda_version` (of the compiler, None without CUDA),
-    `cuda_runtime_version` (of the statically linked runtime) and `compiler`.
+    `cuda_runtime_version` (of the statically linked runtime), `compiler` and `openmp` (True when CPU kernels run
+    on OpenMP threads, torch's own runtime, rather than on detrcore's std::thread pool).
     """
     return dict(_C.build_info())
 
