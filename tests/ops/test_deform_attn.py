@@ -154,6 +154,40 @@ def test_opcheck(device):
                           (grad, value.detach(), ss, ls, loc.detach(), aw.detach()))
 
 
+def test_eager_fast_path_is_the_custom_op_bit_for_bit():
+    # Eager calls on plain tensors skip the custom op's dispatch layers through an autograd.Function twin.
+    value, ss, ls, loc, aw = make_inputs(B=2, H=3, D=7, Q=9, P=3, dtype=torch.float32)
+    fast = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    slow = [t.clone().requires_grad_() for t in (value, loc, aw)]
+    out_fast = ops.ms_deform_attn(fast[0], ss, ls, fast[1], fast[2])
+    out_slow = torch.ops.detrcore.ms_deform_attn(slow[0], ss, ls, slow[1], slow[2])
+    assert type(out_fast.grad_fn).__name__ == "_EagerMsdaBackward"
+    assert out_slow.grad_fn is not None and type(out_slow.grad_fn).__name__ != "_EagerMsdaBackward"
+    assert torch.equal(out_fast, out_slow)
+    g = torch.randn_like(out_fast)
+    out_fast.backward(g)
+    out_slow.backward(g)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.grad, b.grad)
+    with torch.no_grad():  # no graph to record: the forward kernel alone
+        assert ops.ms_deform_attn(fast[0], ss, ls, fast[1], fast[2]).grad_fn is None
+
+
+def test_fast_path_is_off_for_fake_tensors_and_transforms():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from detrcore.ops import _lib
+
+    value, ss, ls, loc, aw = make_inputs(dtype=torch.float32)
+    assert _lib.eager_fast_path(value, loc, aw)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (value, loc, aw)]
+        assert not _lib.eager_fast_path(*fake)
+    seen = []
+    torch.func.grad(lambda v: seen.append(_lib.eager_fast_path(v)) or v.sum())(value)
+    assert seen == [False]
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     value, ss, ls, loc, aw = make_inputs(dtype=torch.float32)

@@ -44,3 +44,19 @@ def stream_of(t: torch.Tensor) -> int:
 def num_threads() -> int:
     """The CPU thread count native kernels use: torch's own setting."""
     return torch.get_num_threads()
+
+
+def eager_fast_path(*tensors: torch.Tensor) -> bool:
+    """True when an op may call its native kernels through a plain autograd.Function instead of its torch custom op:
+    plain tensors (no FakeTensor or other subclass), no torch.compile tracing, no dispatch mode, no torch.func
+    transform. Same kernels, same results; it skips the custom op's Python dispatch layers, ~70 µs per forward +
+    backward on this project's CPU (a small MSDA call: 431 -> 361 µs). Everything else goes through the custom op
+    (opcheck, compile, fake tensors)."""
+    return (not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+            and _current_dispatch_mode() is None and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()

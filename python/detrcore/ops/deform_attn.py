@@ -22,11 +22,8 @@ def _native(t: Tensor) -> Tensor:
     return t.detach().contiguous()
 
 
-@torch.library.custom_op("detrcore::ms_deform_attn", mutates_args=(), device_types=("cpu", "cuda"))
-def _ms_deform_attn(
-    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+             attention_weights: Tensor) -> Tensor:
     v, ss, ls = _native(value), _native(spatial_shapes), _native(level_start_index)
     loc, aw = _native(sampling_locations), _native(attention_weights)
     B, _, H, D = v.shape
@@ -39,17 +36,22 @@ def _ms_deform_attn(
     return out
 
 
+@torch.library.custom_op("detrcore::ms_deform_attn", mutates_args=(), device_types=("cpu", "cuda"))
+def _ms_deform_attn(
+    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    return _forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
 @_ms_deform_attn.register_fake
 def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     B, _, H, D = value.shape
     return value.new_empty((B, sampling_locations.shape[1], H * D))
 
 
-@torch.library.custom_op("detrcore::ms_deform_attn_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def _ms_deform_attn_backward(
-    grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-    sampling_locations: Tensor, attention_weights: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_native(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                     sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     g, v, ss, ls = _native(grad_output), _native(value), _native(spatial_shapes), _native(level_start_index)
     loc, aw = _native(sampling_locations), _native(attention_weights)
     grad_loc, grad_aw = loc.new_empty(loc.shape), aw.new_empty(aw.shape)
@@ -68,6 +70,15 @@ def _ms_deform_attn_backward(
         _C.ms_deform_attn_backward(v, ss, ls, loc, aw, g, grad_value, grad_loc, grad_aw,
                                    num_threads=_lib.num_threads())
     return grad_value, grad_loc, grad_aw
+
+
+@torch.library.custom_op("detrcore::ms_deform_attn_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _ms_deform_attn_backward(
+    grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    sampling_locations: Tensor, attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_native(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights)
 
 
 @_ms_deform_attn_backward.register_fake
@@ -89,6 +100,33 @@ def _backward(ctx, grad_output):
 
 
 _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMsda(torch.autograd.Function):
+    """The custom op's eager twin (see `_lib.eager_fast_path`): the same native forward and backward."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the custom op: no double backward
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_aw = _backward_native(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_loc, grad_aw
+
+
+def _call(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> Tensor:
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _lib.eager_fast_path(value, sampling_locations, attention_weights):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
+            return _EagerMsda.apply(*args)
+        return _forward(*args)
+    return _ms_deform_attn(*args)
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -168,10 +206,10 @@ def ms_deform_attn(
         )
     if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
         # The CPU kernels run float32/float64: half precision (e.g. under CPU autocast) is computed in float32.
-        out = _ms_deform_attn(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
-                              attention_weights.float())
+        out = _call(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
+                    attention_weights.float())
         return out.to(value.dtype)
-    return _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _call(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 def _check_levels_on_host(spatial_shapes: Tensor, level_start_index: Tensor, S: int) -> None:
