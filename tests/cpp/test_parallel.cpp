@@ -94,8 +94,9 @@ int main() {
 #pragma omp parallel num_threads(3)
   {
     outer_threads++;
+    const int team = omp_get_num_threads();
     parallel_for(100, 1, 4, [&](int64_t b, int64_t e) {
-      EXPECT(omp_get_num_threads() == 3);  // still on the outer team: no nested region was opened
+      EXPECT(omp_get_num_threads() == team);  // still on the outer team: no nested region was opened
       inside += e - b;
     });
   }
