@@ -185,7 +185,8 @@ def test_fast_path_is_off_for_fake_tensors_and_transforms():
         assert not _lib.eager_fast_path(*fake)
     seen = []
     torch.func.grad(lambda v: seen.append(_lib.eager_fast_path(v)) or v.sum())(value)
-    assert seen == [False]
+    torch.jit.trace(lambda v: seen.append(_lib.eager_fast_path(v)) or v * 2, (value,), check_trace=False)
+    assert seen == [False, False]
 
 
 def test_torch_compile_fullgraph():

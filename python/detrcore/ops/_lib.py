@@ -48,11 +48,12 @@ def num_threads() -> int:
 
 def eager_fast_path(*tensors: torch.Tensor) -> bool:
     """True when an op may call its native kernels through a plain autograd.Function instead of its torch custom op:
-    plain tensors (no FakeTensor or other subclass), no torch.compile tracing, no dispatch mode, no torch.func
-    transform. Same kernels, same results; it skips the custom op's Python dispatch layers, ~70 µs per forward +
-    backward on this project's CPU (a small MSDA call: 431 -> 361 µs). Everything else goes through the custom op
-    (opcheck, compile, fake tensors)."""
-    return (not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+    plain tensors (no FakeTensor or other subclass), no torch.compile / torch.export / torch.jit tracing, no dispatch
+    mode, no torch.func transform. Same kernels, same results; it skips the custom op's Python dispatch layers,
+    ~70 µs per forward + backward on this project's CPU (a small MSDA call: 431 -> 361 µs). Everything else goes
+    through the custom op (opcheck, compile, export, fake tensors)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(type(t) is torch.Tensor for t in tensors)
             and _current_dispatch_mode() is None and torch._C._functorch.peek_interpreter_stack() is None)
 
 
