@@ -142,7 +142,8 @@ Pool& pool() {
 void run_job(Job& job, int threads) {
   if (threads > 1 && !t_in_worker) {
 #if defined(DETRCORE_WITH_OPENMP)
-    if (!omp_in_parallel() && !g_forked.load(std::memory_order_relaxed)) {
+    if (omp_in_parallel()) return job.run_chunks();
+    if (!g_forked.load(std::memory_order_relaxed)) {
 #pragma omp parallel num_threads(threads)
       {
         t_in_worker = true;
@@ -151,9 +152,8 @@ void run_job(Job& job, int threads) {
       }
       return;
     }
-    if (omp_in_parallel()) threads = 1;
 #endif
-    if (threads > 1 && pool().run(job, threads)) return;
+    if (pool().run(job, threads)) return;
   }
   job.run_chunks();
 }

@@ -23,11 +23,11 @@ void parallel_for(int64_t n, int64_t grain, int num_threads, const std::function
 // items of very different cost, such as the matrices of a batched assignment).
 void parallel_for_each(int64_t n, int num_threads, const std::function<void(int64_t)>& fn);
 
-// The number of chunks parallel_for(n, grain, num_threads, ...) will use, and chunk c's [begin, end).
-int64_t parallel_chunks(int64_t n, int64_t grain, int num_threads);
 // True when parallel_for runs on OpenMP threads in this process (built with OpenMP, not a forked child).
 bool parallel_uses_openmp();
 
+// The number of chunks parallel_for(n, grain, num_threads, ...) will use, and chunk c's [begin, end).
+int64_t parallel_chunks(int64_t n, int64_t grain, int num_threads);
 inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
 
 }  // namespace detrcore

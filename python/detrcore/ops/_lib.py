@@ -5,6 +5,7 @@ import functools
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     from detrcore import _C
@@ -54,10 +55,4 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     through the custom op (opcheck, compile, export, fake tensors)."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and all(type(t) is torch.Tensor for t in tensors)
-            and _current_dispatch_mode() is None and torch._C._functorch.peek_interpreter_stack() is None)
-
-
-def _current_dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
+            and _get_current_dispatch_mode() is None and torch._C._functorch.peek_interpreter_stack() is None)
