@@ -697,6 +697,7 @@ py::dict build_info() {
 #endif
   d["compiler"] = DETRCORE_COMPILER;
   d["openmp"] = parallel_uses_openmp();
+  d["msda_cpu_simd"] = ms_deform_attn_cpu_simd(-1) ? "avx2+fma" : "none";
   return d;
 }
 
@@ -780,6 +781,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("batched_linear_sum_assignment", &batched_linear_sum_assignment, py::arg("costs"),
         py::arg("maximize") = false, nt, "Solve many assignment problems in parallel threads, GIL released.");
   m.def("build_info", &build_info);
+  m.def("_msda_cpu_simd", &ms_deform_attn_cpu_simd, py::arg("enable") = -1,
+        "Turns the MSDA CPU kernels' AVX2 path on (1, where the CPU has it) or off (0); -1 only asks. Returns "
+        "whether it was on. For tests and benchmarks.");
   m.def("cuda_device_count", &cuda_device_count);
   m.def("inspect", &inspect);
 }

@@ -43,6 +43,10 @@ void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const
                             T* grad_value, T* grad_sampling_locations, T* grad_attention_weights, const MsdaShape& s,
                             int num_threads);
 
+// The CPU kernels' AVX2 + FMA path (float, D in {16, 32, 64}, L * P a multiple of 8) where the CPU has it:
+// enable = 1 / 0 turns it on / off (on only where supported), -1 only asks. Returns whether it was on.
+bool ms_deform_attn_cpu_simd(int enable);
+
 // ---- CUDA (dtype f16, bf16, f32 or f64 for value, sampling_locations, attention_weights, out, grad_out,
 // grad_sampling_locations, grad_attention_weights; spatial_shapes / level_start are int64 device arrays).
 // Launch on `stream` on the current device, never synchronise, return a cudaError_t (0 = success).

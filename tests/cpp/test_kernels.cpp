@@ -188,10 +188,52 @@ static void test_msda() {
                                  gv.data(), gl.data(), ga.data(), s, 2);
 }
 
+// The float kernels' AVX2 path (D = 32, L * P = 8) against the scalar kernels, in both backward strategies, with
+// locations on the edges, outside and non-finite; metadata that overruns S falls back to the bounds-checked
+// scalar kernels.
+static void test_msda_simd() {
+  const bool simd = ms_deform_attn_cpu_simd(-1);
+  std::printf("test_kernels: MSDA AVX2 path %s\n", simd ? "on" : "not available: comparing the scalar kernels");
+  const int64_t B = 2, H = 2, D = 32, L = 2, P = 4, S = 5 * 7 + 3 * 2;
+  const std::vector<int64_t> shapes = {5, 7, 3, 2}, starts = {0, 35};
+  for (int64_t Q : {3, 40}) {  // in place (Q * L * P < S) and head-local copies
+    MsdaShape s{B, S, H, D, Q, L, P};
+    std::vector<float> value(B * S * H * D), loc(B * Q * H * L * P * 2), attn(B * Q * H * L * P), g(B * Q * H * D);
+    for (auto& x : value) x = static_cast<float>(uni(-1, 1));
+    for (auto& x : loc) x = static_cast<float>(uni(-0.3, 1.3));
+    for (auto& x : attn) x = static_cast<float>(uni(0, 1));
+    for (auto& x : g) x = static_cast<float>(uni(-1, 1));
+    const float hostile[] = {NAN, INFINITY, -INFINITY, -1e30f, 3e9f, 0.0f, 1.0f, -0.1f, 1.1f};
+    for (size_t i = 0; i < sizeof(hostile) / sizeof(float); ++i) loc[7 * i + 1] = hostile[i];
+    std::vector<float> out[2], gv[2], gl[2], ga[2];
+    for (int on = 0; on < 2; ++on) {
+      ms_deform_attn_cpu_simd(on);
+      out[on].resize(B * Q * H * D), gv[on].resize(value.size()), gl[on].resize(loc.size()), ga[on].resize(attn.size());
+      ms_deform_attn_fwd_cpu<float>(value.data(), shapes.data(), starts.data(), loc.data(), attn.data(),
+                                    out[on].data(), s, 2);
+      ms_deform_attn_bwd_cpu<float>(value.data(), shapes.data(), starts.data(), loc.data(), attn.data(), g.data(),
+                                    gv[on].data(), gl[on].data(), ga[on].data(), s, 2);
+    }
+    for (size_t i = 0; i < out[0].size(); ++i) EXPECT_NEAR(out[1][i], out[0][i], 1e-5);
+    for (size_t i = 0; i < gv[0].size(); ++i) EXPECT_NEAR(gv[1][i], gv[0][i], 1e-5);
+    for (size_t i = 0; i < gl[0].size(); ++i) EXPECT_NEAR(gl[1][i], gl[0][i], 1e-4);
+    for (size_t i = 0; i < ga[0].size(); ++i) EXPECT_NEAR(ga[1][i], ga[0][i], 1e-5);
+    EXPECT_NEAR(gl[1][0], 0.0, 0);  // loc[1] is NaN: the sample contributes nothing, its gradients are zero
+    EXPECT_NEAR(ga[1][0], 0.0, 0);
+    const std::vector<int64_t> bad_starts = {0, 35 + 1000};
+    ms_deform_attn_fwd_cpu<float>(value.data(), shapes.data(), bad_starts.data(), loc.data(), attn.data(),
+                                  out[1].data(), s, 2);
+    ms_deform_attn_bwd_cpu<float>(value.data(), shapes.data(), bad_starts.data(), loc.data(), attn.data(), g.data(),
+                                  gv[1].data(), gl[1].data(), ga[1].data(), s, 2);
+  }
+  ms_deform_attn_cpu_simd(simd);
+}
+
 int main() {
   test_boxes();
   test_dropout();
   test_msda();
+  test_msda_simd();
   std::printf("test_kernels: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -9,6 +9,7 @@ import torch
 
 from detrcore import ops
 from detrcore.ops import reference
+from detrcore.ops._lib import _C
 from detrcore.ops.deform_attn import level_start_index_of
 from tests._grid import DEVICES, HAS_CUDA, device_dtypes
 
@@ -142,6 +143,96 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert torch.equal(a, b)
+
+
+# The CPU kernels' AVX2 path (float32, D in {16, 32, 64}, L * P a multiple of 8) against the reference and against
+# the scalar kernels of the same build (switched off through the private `_msda_cpu_simd`).
+HAS_SIMD = _C.build_info()["msda_cpu_simd"] != "none"
+needs_simd = pytest.mark.skipif(not HAS_SIMD, reason="the CPU has no AVX2 + FMA (or not an x86-64 GCC build)")
+
+
+def _fwd_bwd(value, ss, ls, loc, aw, grad, simd=True):
+    was = _C._msda_cpu_simd(int(simd))
+    try:
+        ins = [t.clone().requires_grad_() for t in (value, loc, aw)]
+        out = ops.ms_deform_attn(ins[0], ss, ls, ins[1], ins[2])
+        return [out.detach(), *torch.autograd.grad(out, ins, grad)]
+    finally:
+        _C._msda_cpu_simd(int(was))
+
+
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("L,P", [(1, 8), (2, 4), (4, 4), (3, 8)])
+@pytest.mark.parametrize("Q", [3, 80])  # the backward's in-place and head-local strategies
+def test_cpu_simd_path_matches_reference_and_scalar_kernels(D, L, P, Q):
+    shapes = [(9, 7), (5, 4), (1, 6), (1, 1)][:L]
+    value, ss, ls, loc, aw = make_inputs(B=2, H=3, D=D, Q=Q, P=P, shapes=shapes, spread=0.3, dtype=torch.float32,
+                                         seed=D + L + P + Q)
+    assert (Q * L * P >= value.shape[1]) == (Q == 80)
+    grad = torch.randn(2, Q, 3 * D, generator=torch.Generator().manual_seed(3))
+    got = _fwd_bwd(value, ss, ls, loc, aw, grad)
+    ref_inputs = [t.double().requires_grad_() for t in (value, loc, aw)]
+    ref = reference.ms_deform_attn(ref_inputs[0], ss, ls, ref_inputs[1], ref_inputs[2])
+    want = [ref.detach(), *torch.autograd.grad(ref, ref_inputs, grad.double())]
+    scalar = _fwd_bwd(value, ss, ls, loc, aw, grad, simd=False)
+    for name, g, w, sc in zip(("out", "value", "sampling_locations", "attention_weights"), got, want, scalar):
+        scale = 1 + w.abs().max().item()
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(g, sc, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@needs_simd
+def test_cpu_simd_path_edges_outside_and_non_finite():
+    value, ss, ls, loc, aw = make_inputs(B=1, H=2, D=32, Q=12, P=4, shapes=((4, 5), (2, 3)), dtype=torch.float32)
+    edge = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-0.5, 0.5], [1.5, 0.5], [0.5, 2.0], [0.1, 0.999], [0.0, 1.0],
+                         [1.0, 0.0], [-0.1, -0.1], [1.1, 1.1], [0.5, 0.5], [0.9999, 0.0001]])
+    loc[0, :, :, 0, 0] = edge[:, None]  # on the edges, half outside, entirely outside
+    loc[0, 0, 0, 1] = float("nan")
+    loc[0, 1, 0, 1, 2] = float("inf")
+    loc[0, 2, 1, 1, 3] = -1e30
+    loc[0, 3, 1, 0, 1] = 3e9
+    aw[0, 2, 0, 0, 0] = float("nan")  # on an entirely outside sample: contributes nothing
+    grad = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(4))
+    got, scalar = _fwd_bwd(value, ss, ls, loc, aw, grad), _fwd_bwd(value, ss, ls, loc, aw, grad, simd=False)
+    for g, sc in zip(got, scalar):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, sc, rtol=1e-5, atol=1e-5 * (1 + sc.abs().max().item()))
+    g_loc, g_aw = got[2], got[3]
+    # samples entirely outside (level 0's edges 2..4, the non-finite ones) get zero gradients
+    assert (g_aw[0, 2:5, :, 0, 0] == 0).all() and (g_loc[0, 2:5, :, 0, 0] == 0).all()
+    assert (g_aw[0, 0, 0, 1] == 0).all() and g_aw[0, 1, 0, 1, 2] == 0 and g_aw[0, 2, 1, 1, 3] == 0
+    assert (g_loc[0, 3, 1, 0, 1] == 0).all()
+    # as the reference with those samples moved far outside (and the NaN weight of an outside sample zeroed)
+    ref = reference.ms_deform_attn(value.double(), ss, ls, torch.nan_to_num(loc, nan=-5.0, posinf=5.0, neginf=-5.0)
+                                   .clamp(-5, 5).double(), torch.nan_to_num(aw).double())
+    torch.testing.assert_close(got[0].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_simd
+def test_cpu_simd_path_is_deterministic_across_thread_counts():
+    value, ss, ls, loc, aw = make_inputs(B=2, H=4, D=32, Q=40, P=4, shapes=((12, 10), (6, 5)), dtype=torch.float32)
+    grad = torch.randn(2, 40, 128, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_fwd_bwd(value, ss, ls, loc, aw, grad))
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
+def test_cpu_simd_switch_reports_and_restores():
+    was = _C._msda_cpu_simd(-1)
+    assert was == HAS_SIMD
+    assert _C._msda_cpu_simd(0) == was and _C._msda_cpu_simd(-1) is False
+    assert _C.build_info()["msda_cpu_simd"] == "none"
+    _C._msda_cpu_simd(1)
+    assert _C._msda_cpu_simd(-1) == HAS_SIMD  # on only where the CPU has it
+    _C._msda_cpu_simd(int(was))
 
 
 @pytest.mark.parametrize("device", DEVICES)
