@@ -323,6 +323,33 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_value_with_float32_locations_and_weights(device, dtype):
+    # What the models pass under autocast: positions keep float32 precision, output and grad_value value's dtype.
+    value, ss, ls, loc, aw = make_inputs(B=2, H=2, D=32, Q=5, P=4, dtype=torch.float32, device=device)
+    half = value.to(dtype).requires_grad_()
+    loc32, aw32 = loc.clone().requires_grad_(), aw.clone().requires_grad_()
+    out = ops.ms_deform_attn(half, ss, ls, loc32, aw32)
+    assert out.dtype == dtype
+    wide = [t.detach().float().requires_grad_() for t in (half, loc32, aw32)]
+    want = ops.ms_deform_attn(wide[0], ss, ls, wide[1], wide[2])
+    torch.testing.assert_close(out, want.to(dtype), rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    got = torch.autograd.grad(out, (half, loc32, aw32), grad.to(dtype))
+    exp = torch.autograd.grad(want, wide, grad.to(dtype).float())
+    assert [g.dtype for g in got] == [dtype, torch.float32, torch.float32]
+    torch.testing.assert_close(got[0], exp[0].to(dtype), rtol=0, atol=0)
+    for g, e in zip(got[1:], exp[1:]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="sampling_locations"):
+        ops.ms_deform_attn(half, ss, ls, loc.double(), aw.double())
+    with pytest.raises(TypeError, match="share one dtype"):
+        ops.ms_deform_attn(half, ss, ls, loc32, aw32.to(dtype))
+    with pytest.raises(TypeError, match="sampling_locations"):
+        ops.ms_deform_attn(value, ss, ls, loc.double(), aw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cpu_is_computed_in_float32(dtype):
     value, ss, ls, loc, aw = make_inputs(dtype=torch.float32)
     ins = [t.to(dtype).requires_grad_() for t in (value, loc, aw)]

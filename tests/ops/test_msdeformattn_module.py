@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from detrcore.nn import MSDeformAttn
+from detrcore.ops import ms_deform_attn
 from detrcore.ops import reference
 from detrcore.ops.deform_attn import level_start_index_of
 
@@ -54,6 +55,48 @@ def test_box_reference_points_and_padding_mask():
     mask[1] = True  # image 1 is all padding: its values vanish, leaving only the output bias
     out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES), mask)
     torch.testing.assert_close(out[1], m.output_proj.bias.expand_as(out[1]))
+
+
+def test_box_reference_points_match_a_hand_written_forward():
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    q, ref, x = inputs(seed=1)
+    wh = 0.05 + 0.3 * torch.rand(ref.shape, generator=torch.Generator().manual_seed(2))
+    boxes = torch.cat([ref, wh], -1)  # [B, Q, L, 4] (cx, cy, w, h)
+    out = m(q, boxes, x, SHAPES, level_start_index_of(SHAPES))
+    B, Q, _ = q.shape
+    value = m.value_proj(x).view(B, -1, 2, 8)
+    offsets = m.sampling_offsets(q).view(B, Q, 2, 3, 3, 2)
+    weights = m.attention_weights(q).view(B, Q, 2, 9).softmax(-1).view(B, Q, 2, 3, 3)
+    box = boxes[:, :, None, :, None, :]
+    loc = box[..., :2] + offsets / 3 * box[..., 2:] * 0.5  # half the box spans the P points
+    want = m.output_proj(reference.ms_deform_attn(value, SHAPES, level_start_index_of(SHAPES), loc, weights))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_under_autocast_the_sampling_positions_stay_float32(monkeypatch):
+    import detrcore.nn.ms_deform_attn as module
+
+    seen = []
+
+    def spy(value, ss, ls, loc, aw):
+        seen.append((value.dtype, loc.clone(), aw.dtype))
+        return ms_deform_attn(value, ss, ls, loc, aw)
+
+    monkeypatch.setattr(module, "ms_deform_attn", spy)
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    q, ref, x = inputs(seed=3)
+    full = m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
+    (_, loc_full, _), (value_dtype, loc, aw_dtype) = seen
+    assert out.dtype == value_dtype == torch.bfloat16 and loc.dtype == aw_dtype == torch.float32
+    # bfloat16 projections perturb the offsets, but the positions the op gets are not rounded to 8 bits
+    assert not torch.equal(loc, loc.bfloat16().float())
+    torch.testing.assert_close(loc, loc_full, rtol=0, atol=5e-3)
+    torch.testing.assert_close(out.float(), full, rtol=5e-2, atol=5e-2)
 
 
 def test_gradients_reach_every_parameter():

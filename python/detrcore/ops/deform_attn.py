@@ -129,6 +129,9 @@ def _call(value, spatial_shapes, level_start_index, sampling_locations, attentio
     return _ms_deform_attn(*args)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
     named = {
         "value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
@@ -147,8 +150,12 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
     if not value.is_floating_point():
         raise TypeError(f"value must be a floating-point tensor, got {value.dtype}")
     for name in ("sampling_locations", "attention_weights"):
-        if named[name].dtype != value.dtype:
-            raise TypeError(f"{name} must have value's dtype {value.dtype}, got {named[name].dtype}")
+        if named[name].dtype != value.dtype and not (value.dtype in _HALF and named[name].dtype == torch.float32):
+            allowed = f"{value.dtype} or torch.float32" if value.dtype in _HALF else str(value.dtype)
+            raise TypeError(f"{name} must have value's dtype ({allowed}), got {named[name].dtype}")
+    if sampling_locations.dtype != attention_weights.dtype:
+        raise TypeError(f"sampling_locations ({sampling_locations.dtype}) and attention_weights "
+                        f"({attention_weights.dtype}) must share one dtype")
     for name in ("spatial_shapes", "level_start_index"):
         if named[name].dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be an integer (int64) tensor, got {named[name].dtype}")
@@ -187,8 +194,10 @@ def ms_deform_attn(
     Returns:
         `[B, Q, H * D]`.
 
-    value, sampling_locations and attention_weights share one dtype and device (float16/bfloat16/float32/float64;
-    the CPU computes half precision in float32). On the CPU, and when the level metadata is passed as CPU tensors
+    value, sampling_locations and attention_weights share one device and one dtype (float16/bfloat16/float32/
+    float64; the CPU computes half precision in float32), except that a float16/bfloat16 value may come with float32
+    locations and weights (what the models pass under autocast: sampling positions are not rounded to 8 bits; the
+    output and value's gradient keep value's dtype, computed in float32). On the CPU, and when the level metadata is passed as CPU tensors
     for CUDA values, S = sum(h * w) and the level starts are checked; metadata already on the GPU is not read back
     (that would synchronise), but every index the kernels touch is bounds-checked. The CUDA backward is bitwise
     deterministic when `torch.use_deterministic_algorithms(True)` is set.
@@ -204,8 +213,10 @@ def ms_deform_attn(
         raise ValueError(
             f"spatial_shapes and level_start_index must be on value's device {value.device} (or on the CPU)"
         )
-    if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
+    if value.dtype in _HALF and (value.device.type == "cpu" or sampling_locations.dtype == torch.float32):
         # The CPU kernels run float32/float64: half precision (e.g. under CPU autocast) is computed in float32.
+        # CUDA with float32 locations and weights (as the models pass them under autocast): value is widened
+        # and the float32 kernels run.
         out = _call(value.float(), spatial_shapes, level_start_index, sampling_locations.float(),
                     attention_weights.float())
         return out.to(value.dtype)
