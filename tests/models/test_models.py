@@ -172,3 +172,22 @@ def test_official_key_mapping_round_trip(variant):
 def test_model_classes():
     assert isinstance(build_model(ModelConfig(**SMALL, arch="detr")), DETR)
     assert isinstance(build_model(ModelConfig(**SMALL)), DeformableDETR)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(8, 10), (7, 9), (1, 1), (2, 5)])
+def test_stem_max_pool_matches_torch(hw, dtype):
+    from detrcore.models.backbone import max_pool_3x3_s2
+
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(sum(hw))).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1].fill_(float("-inf"))
+    torch.testing.assert_close(max_pool_3x3_s2(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), equal_nan=True,
+                               rtol=0, atol=0)
+    # distinct values (no ties): both route each output's gradient to the same maximum
+    g = torch.randn(2, 3, (hw[0] + 1) // 2, (hw[1] + 1) // 2)
+    x2 = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    y2 = x2.detach().clone().requires_grad_()
+    max_pool_3x3_s2(x2).backward(g)
+    torch.nn.functional.max_pool2d(y2, 3, 2, 1).backward(g)
+    torch.testing.assert_close(x2.grad, y2.grad)  # overlapping windows: sums in another order
