@@ -268,7 +268,7 @@ bool cpu_has_avx2_fma() {
 std::atomic<bool> g_simd{cpu_has_avx2_fma()};
 
 bool simd_applies(const MsdaShape& s) {
-  return g_simd.load(std::memory_order_relaxed) && (s.D == 16 || s.D == 32 || s.D == 64) && s.L * s.P % 8 == 0;
+  return g_simd.load(std::memory_order_relaxed) && (s.D == 16 || s.D == 32 || s.D == 64) && (s.L * s.P) % 8 == 0;
 }
 
 // Per sample slot lp = l * P + p: its level's width and height (float and int), and its start and row pitch as

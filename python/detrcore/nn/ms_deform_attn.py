@@ -114,7 +114,7 @@ class MSDeformAttn(nn.Module):
             self.last_sampling = (locations.detach(), weights.detach())
         # Under autocast the projections may run in half precision while the reference points, the locations and
         # the softmax stay float32: the op takes float32 locations and weights with a half-precision value, so the
-        # sampling positions are not rounded to 8 bits (a third of a pixel on a 100-pixel-wide level).
+        # sampling positions are not rounded to 8 bits (steps of 0.4 pixel on a 100-pixel-wide level).
         loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                              locations.to(loc_dtype), weights.to(loc_dtype))  # [B, Q, C]

@@ -197,10 +197,10 @@ def ms_deform_attn(
     value, sampling_locations and attention_weights share one device and one dtype (float16/bfloat16/float32/
     float64; the CPU computes half precision in float32), except that a float16/bfloat16 value may come with float32
     locations and weights (what the models pass under autocast: sampling positions are not rounded to 8 bits; the
-    output and value's gradient keep value's dtype, computed in float32). On the CPU, and when the level metadata is passed as CPU tensors
-    for CUDA values, S = sum(h * w) and the level starts are checked; metadata already on the GPU is not read back
-    (that would synchronise), but every index the kernels touch is bounds-checked. The CUDA backward is bitwise
-    deterministic when `torch.use_deterministic_algorithms(True)` is set.
+    output and value's gradient keep value's dtype, computed in float32). On the CPU, and when the level metadata
+    is passed as CPU tensors for CUDA values, S = sum(h * w) and the level starts are checked; metadata already on
+    the GPU is not read back (that would synchronise), but every index the kernels touch is bounds-checked. The
+    CUDA backward is bitwise deterministic when `torch.use_deterministic_algorithms(True)` is set.
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     spatial_shapes = spatial_shapes.long()
