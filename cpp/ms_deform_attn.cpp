@@ -15,7 +15,7 @@
 // A decoder's few samples accumulate in place, level by level, after one contiguous parallel memset. (The
 // forward, split by query, gained nothing from the same copies.)
 //
-// AVX2 + FMA (float, D in {16, 32, 64}, L * P a multiple of 8: the models' D = 32, L * P = 16), picked at run time
+// AVX2 + FMA (float, D in {16, 32, 64}: the models' D = 32; any L * P, best a multiple of 8), picked at run time
 // when the CPU has them. A sample's footprint (scaling, floor, range tests, four corner weights and row offsets)
 // costs about as much as its D = 32 multiply-adds when computed one sample at a time with branches: a third of
 // the forward. These kernels compute the footprints of eight samples at once in vector registers, branch-free
@@ -268,11 +268,12 @@ bool cpu_has_avx2_fma() {
 std::atomic<bool> g_simd{cpu_has_avx2_fma()};
 
 bool simd_applies(const MsdaShape& s) {
-  return g_simd.load(std::memory_order_relaxed) && (s.D == 16 || s.D == 32 || s.D == 64) && (s.L * s.P) % 8 == 0;
+  return g_simd.load(std::memory_order_relaxed) && (s.D == 16 || s.D == 32 || s.D == 64);
 }
 
 // Per sample slot lp = l * P + p: its level's width and height (float and int), and its start and row pitch as
-// value offsets in floats, for rows rs floats apart.
+// value offsets in floats, for rows rs floats apart; padded to a multiple of 8 slots with a width and height of -1
+// (no sample there is ever inside).
 struct Slots {
   std::vector<float> wf, hf;
   std::vector<int32_t> w, h, start, pitch;
@@ -294,6 +295,10 @@ bool make_slots(Slots& t, const std::vector<Level>& lv, const MsdaShape& s, int6
       t.w.push_back(static_cast<int32_t>(l.w)), t.h.push_back(static_cast<int32_t>(l.h));
       t.start.push_back(static_cast<int32_t>(l.start * rs)), t.pitch.push_back(static_cast<int32_t>(l.w * rs));
     }
+  while (t.wf.size() % 8) {
+    t.wf.push_back(-1.0f), t.hf.push_back(-1.0f);
+    t.w.push_back(0), t.h.push_back(0), t.start.push_back(0), t.pitch.push_back(0);
+  }
   return true;
 }
 
@@ -302,8 +307,25 @@ bool make_slots(Slots& t, const std::vector<Level>& lv, const MsdaShape& s, int6
 #define DETRCORE_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
 alignas(32) constexpr float kZeroRow[64] = {};  // read by corners outside the map (D <= 64)
+alignas(32) constexpr int32_t kLaneMasks[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
-// The footprints of the eight samples in slots [j0, j0 + 8) of one (b, q, h): corner c of lane j reads value
+// The first n (0..8) lanes set.
+DETRCORE_AVX2_INLINE __m256i first_lanes(int n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMasks + 8 - (n < 0 ? 0 : n > 8 ? 8 : n)));
+}
+// Eight floats from p, of which only the first n are read (the others are 0): the last, partial group of slots.
+DETRCORE_AVX2_INLINE __m256 load_first(const float* p, int n) {
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(n));
+}
+DETRCORE_AVX2_INLINE void store_first(float* p, int n, __m256 v) {
+  if (n >= 8)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, first_lanes(n), v);
+}
+
+// The footprints of the samples in slots [j0, min(j0 + 8, LP)) of one (b, q, h) (lanes past LP read nothing and
+// come out entirely outside, as the padding of the slot table makes them): corner c of lane j reads value
 // offset off[c][j] (-1 when outside the map) with weight wt[c][j] = attention x corner weight (0 outside); cw
 // are the corner weights, a the attention weights (0 for samples entirely outside), lx ... hy as in Footprint.
 struct Foot8 {
@@ -322,11 +344,13 @@ DETRCORE_AVX2_INLINE __m256 unpackhi64(__m256 a, __m256 b) {
   return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
 }
 
-DETRCORE_AVX2_INLINE Foot8 footprint8(const float* loc, const float* aw, const Slots& t, int j0, int32_t rs) {
+DETRCORE_AVX2_INLINE Foot8 footprint8(const float* loc, const float* aw, const Slots& t, int j0, int LP,
+                                      int32_t rs) {
   Foot8 f;
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), minus1 = _mm256_set1_ps(-1.0f);
   const __m256i ione = _mm256_set1_epi32(1), none = _mm256_set1_epi32(-1), irs = _mm256_set1_epi32(rs);
-  const __m256 l0 = _mm256_loadu_ps(loc + 2 * j0), l1 = _mm256_loadu_ps(loc + 2 * j0 + 8);  // x0 y0 x1 y1 ...
+  const int n = LP - j0;  // slots left (8 or more: a full group)
+  const __m256 l0 = load_first(loc + 2 * j0, 2 * n), l1 = load_first(loc + 2 * j0 + 8, 2 * n - 8);  // x0 y0 x1 ...
   const __m256 lcx = cross_lanes(_mm256_shuffle_ps(l0, l1, 0x88)), lcy = cross_lanes(_mm256_shuffle_ps(l0, l1, 0xDD));
   f.wf = _mm256_loadu_ps(t.wf.data() + j0), f.hf = _mm256_loadu_ps(t.hf.data() + j0);
   const __m256 x = _mm256_sub_ps(_mm256_mul_ps(lcx, f.wf), half), y = _mm256_sub_ps(_mm256_mul_ps(lcy, f.hf), half);
@@ -339,7 +363,7 @@ DETRCORE_AVX2_INLINE Foot8 footprint8(const float* loc, const float* aw, const S
   f.hx = _mm256_sub_ps(one, f.lx), f.hy = _mm256_sub_ps(one, f.ly);
   f.cw[0] = _mm256_mul_ps(f.hy, f.hx), f.cw[1] = _mm256_mul_ps(f.hy, f.lx);
   f.cw[2] = _mm256_mul_ps(f.ly, f.hx), f.cw[3] = _mm256_mul_ps(f.ly, f.lx);
-  f.a = _mm256_and_ps(f.ok, _mm256_loadu_ps(aw + j0));
+  f.a = _mm256_and_ps(f.ok, load_first(aw + j0, n));
   const __m256i x0 = _mm256_cvttps_epi32(fx), y0 = _mm256_cvttps_epi32(fy);  // exact: fx, fy are small integers
   const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.w.data() + j0));
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.h.data() + j0));
@@ -401,7 +425,8 @@ DETRCORE_AVX2 void fwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
       __m256 acc[kD / 8];
       for (int k = 0; k < kD / 8; ++k) acc[k] = _mm256_setzero_ps();
       for (int j0 = 0; j0 < LP; j0 += 8)
-        fwd_lanes<kD>(v, footprint8(A.loc + bqh * LP * 2, A.attn + bqh * LP, t, j0, static_cast<int32_t>(HD)), acc);
+        fwd_lanes<kD>(v, footprint8(A.loc + bqh * LP * 2, A.attn + bqh * LP, t, j0, LP, static_cast<int32_t>(HD)),
+                      acc);
       for (int k = 0; k < kD / 8; ++k) _mm256_storeu_ps(A.out + bqh * kD + 8 * k, acc[k]);
     }
   }
@@ -462,7 +487,7 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
       __m256 g[kD / 8];
       for (int k = 0; k < kD / 8; ++k) g[k] = _mm256_loadu_ps(A.grad_out + bqh * kD + 8 * k);
       for (int j0 = 0; j0 < LP; j0 += 8) {
-        const Foot8 f = footprint8(A.loc + bqh * LP * 2, A.attn + bqh * LP, t, j0, rs);
+        const Foot8 f = footprint8(A.loc + bqh * LP * 2, A.attn + bqh * LP, t, j0, LP, rs);
         __m128 dots[8];
         bwd_lanes<kD>(v, gv, dump, g, f, dots);
         // Transpose the eight (d0, d1, d2, d3) into D[c] = corner c's dot products of the eight samples.
@@ -480,11 +505,12 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
                                           _mm256_mul_ps(f.lx, _mm256_sub_ps(D[3], D[1])));
         const __m256 gx = _mm256_mul_ps(_mm256_mul_ps(f.a, d_lx), f.wf);
         const __m256 gy = _mm256_mul_ps(_mm256_mul_ps(f.a, d_ly), f.hf);
-        _mm256_storeu_ps(A.grad_attn + bqh * LP + j0, _mm256_and_ps(f.ok, gaw));
+        const int n = LP - j0;
+        store_first(A.grad_attn + bqh * LP + j0, n, _mm256_and_ps(f.ok, gaw));
         const __m256 xy_lo = _mm256_unpacklo_ps(gx, gy), xy_hi = _mm256_unpackhi_ps(gx, gy);  // x0 y0 x1 y1 | x4 ...
         float* gl = A.grad_loc + (bqh * LP + j0) * 2;
-        _mm256_storeu_ps(gl, _mm256_permute2f128_ps(xy_lo, xy_hi, 0x20));
-        _mm256_storeu_ps(gl + 8, _mm256_permute2f128_ps(xy_lo, xy_hi, 0x31));
+        store_first(gl, 2 * n, _mm256_permute2f128_ps(xy_lo, xy_hi, 0x20));
+        store_first(gl + 8, 2 * n - 8, _mm256_permute2f128_ps(xy_lo, xy_hi, 0x31));
       }
     }
     if (kLocal) scatter_rows(gv, A.grad_value + b * s.S * HD + h * kD, HD, s.S, kD);

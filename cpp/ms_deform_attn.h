@@ -43,7 +43,7 @@ void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const
                             T* grad_value, T* grad_sampling_locations, T* grad_attention_weights, const MsdaShape& s,
                             int num_threads);
 
-// The CPU kernels' AVX2 + FMA path (float, D in {16, 32, 64}, L * P a multiple of 8) where the CPU has it:
+// The CPU kernels' AVX2 + FMA path (float, D in {16, 32, 64}) where the CPU has it:
 // enable = 1 / 0 turns it on / off (on only where supported), -1 only asks. Returns whether it was on.
 bool ms_deform_attn_cpu_simd(int enable);
 

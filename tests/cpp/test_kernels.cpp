@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "box_ops.h"
@@ -188,15 +189,17 @@ static void test_msda() {
                                  gv.data(), gl.data(), ga.data(), s, 2);
 }
 
-// The float kernels' AVX2 path (D = 32, L * P = 8) against the scalar kernels, in both backward strategies, with
+// The float kernels' AVX2 path (D = 32, L * P = 8, and 6: a partial group of slots) against the scalar kernels, in
+// both backward strategies, with
 // locations on the edges, outside and non-finite; metadata that overruns S falls back to the bounds-checked
 // scalar kernels.
 static void test_msda_simd() {
   const bool simd = ms_deform_attn_cpu_simd(-1);
   std::printf("test_kernels: MSDA AVX2 path %s\n", simd ? "on" : "not available: comparing the scalar kernels");
-  const int64_t B = 2, H = 2, D = 32, L = 2, P = 4, S = 5 * 7 + 3 * 2;
+  const int64_t B = 2, H = 2, D = 32, L = 2, S = 5 * 7 + 3 * 2;
   const std::vector<int64_t> shapes = {5, 7, 3, 2}, starts = {0, 35};
-  for (int64_t Q : {3, 40}) {  // in place (Q * L * P < S) and head-local copies
+  // Q = 3: in place (Q * L * P < S); Q = 40: head-local copies
+  for (const auto& [P, Q] : std::vector<std::pair<int64_t, int64_t>>{{4, 3}, {4, 40}, {3, 3}, {3, 40}}) {
     MsdaShape s{B, S, H, D, Q, L, P};
     std::vector<float> value(B * S * H * D), loc(B * Q * H * L * P * 2), attn(B * Q * H * L * P), g(B * Q * H * D);
     for (auto& x : value) x = static_cast<float>(uni(-1, 1));

@@ -145,7 +145,8 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
-# The CPU kernels' AVX2 path (float32, D in {16, 32, 64}, L * P a multiple of 8) against the reference and against
+# The CPU kernels' AVX2 path (float32, D in {16, 32, 64}; L * P in groups of 8 and a partial last group) against the
+# reference and against
 # the scalar kernels of the same build (switched off through the private `_msda_cpu_simd`).
 HAS_SIMD = _C.build_info()["msda_cpu_simd"] != "none"
 needs_simd = pytest.mark.skipif(not HAS_SIMD, reason="the CPU has no AVX2 + FMA (or not an x86-64 GCC build)")
@@ -162,7 +163,7 @@ def _fwd_bwd(value, ss, ls, loc, aw, grad, simd=True):
 
 
 @pytest.mark.parametrize("D", [16, 32, 64])
-@pytest.mark.parametrize("L,P", [(1, 8), (2, 4), (4, 4), (3, 8)])
+@pytest.mark.parametrize("L,P", [(1, 8), (2, 4), (4, 4), (3, 8), (3, 4), (1, 1), (2, 5), (4, 3)])
 @pytest.mark.parametrize("Q", [3, 80])  # the backward's in-place and head-local strategies
 def test_cpu_simd_path_matches_reference_and_scalar_kernels(D, L, P, Q):
     shapes = [(9, 7), (5, 4), (1, 6), (1, 1)][:L]
