@@ -93,6 +93,44 @@ def test_assignment_never_crashes(cost, maximize):
     call(_C.batched_linear_sum_assignment, [cost, cost], maximize, num_threads=2)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_msda_cpu_simd_path_matches_the_scalar_kernels(data):
+    # Well-formed metadata (the kernels run), head dims the AVX2 path takes, empty and 1-pixel levels, any L * P,
+    # hostile locations: the AVX2 kernels (where the CPU has them) against the scalar ones, never out of bounds.
+    B, H, Q = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(0, 6))
+    D, P = data.draw(st.sampled_from([16, 32, 64])), data.draw(st.integers(1, 9))
+    hw = data.draw(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=4))
+    shapes = torch.tensor(hw, dtype=torch.int64)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    S, L = int(sizes.sum()), len(hw)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    value = torch.randn(B, S, H, D, generator=g)
+    loc = torch.rand(B, Q, H, L, P, 2, generator=g) * 1.6 - 0.3
+    if loc.numel():
+        fill = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e9, -1e30, 0.0, 1.0]))
+        loc.view(-1)[data.draw(st.integers(0, loc.numel() - 1))] = fill
+    aw = torch.rand(B, Q, H, L, P, generator=g)
+    grad = torch.randn(B, Q, H * D, generator=g)
+    results = []
+    was = _C._msda_cpu_simd(-1)
+    try:
+        for on in (0, 1):
+            _C._msda_cpu_simd(on)
+            out, gv = torch.empty(B, Q, H * D), torch.empty_like(value)
+            gl, ga = torch.empty_like(loc), torch.empty_like(aw)
+            _C.ms_deform_attn_forward(value, shapes, starts, loc, aw, out, num_threads=2)
+            _C.ms_deform_attn_backward(value, shapes, starts, loc, aw, grad, gv, gl, ga, num_threads=2)
+            results.append((out, gv, gl, ga))
+    finally:
+        _C._msda_cpu_simd(int(was))
+    for scalar, simd in zip(*results):
+        assert torch.isfinite(simd).all() == torch.isfinite(scalar).all()
+        scale = 1 + (scalar.abs().max().item() if scalar.numel() else 0)
+        torch.testing.assert_close(simd, scalar, rtol=1e-5, atol=1e-5 * scale)
+
+
 @SETTINGS
 @given(data=st.data())
 def test_msda_entry_points_never_crash(data):
