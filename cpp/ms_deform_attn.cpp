@@ -24,7 +24,9 @@
 // backward's four dot products reduced together; the weight and location gradients of the eight samples come out
 // as vectors. The backward walks queries in order in both strategies (the in-place one too: a row of
 // grad_value belongs to one level, so its contributions still arrive in query order, as in the scalar kernel).
-// Same partitions as the scalar kernels: deterministic, results within float rounding of them.
+// Same partitions as the scalar kernels: deterministic, results within float rounding of them. Measured against the
+// scalar kernels of the same build (in-process A/B): forward 1.6-1.9x, fwd+bwd 1.7-1.8x (decoder), 1.4-1.5x
+// (encoder).
 #include "ms_deform_attn.h"
 
 #include <algorithm>
@@ -32,7 +34,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "parallel.h"
