@@ -146,8 +146,7 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
 
 
 # The CPU kernels' AVX2 path (float32, D in {16, 32, 64}; L * P in groups of 8 and a partial last group) against the
-# reference and against
-# the scalar kernels of the same build (switched off through the private `_msda_cpu_simd`).
+# reference and against the scalar kernels of the same build (switched off through the private `_msda_cpu_simd`).
 HAS_SIMD = _C.build_info()["msda_cpu_simd"] != "none"
 needs_simd = pytest.mark.skipif(not HAS_SIMD, reason="the CPU has no AVX2 + FMA (or not an x86-64 GCC build)")
 
