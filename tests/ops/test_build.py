@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from detrcore import ops
@@ -55,3 +56,17 @@ def test_dlpack_is_zero_copy_and_sees_strides():
     a = np.arange(12.0).reshape(3, 4).T
     seen = _C.inspect(a)
     assert seen["data_ptr"] == a.ctypes.data and seen["strides"] == [1, 4] and seen["path"] == "numpy"
+
+
+def test_a_second_build_loads_as_a_distinct_module():
+    # The in-process A/B tool (benchmarks/ab_builds.py): a build loaded under a name of its own is its own module,
+    # not the imported detrcore._C (which a second load under that name would silently return).
+    from detrcore import _C
+    from detrcore.bench.ab import load_build
+
+    other = load_build(_C.__file__, "detrcore_test_build")
+    assert other is not _C and other.__name__ == "detrcore_test_build._C"
+    assert other.build_info()["version"] == _C.build_info()["version"]
+    for taken in ("detrcore", "detrcore_test_build"):
+        with pytest.raises(ValueError, match="taken"):
+            load_build(_C.__file__, taken)
