@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detrcore.data import (Compose, Normalize, RandomHorizontalFlip, RandomResize, RandomSelect, RandomSizeCrop,
@@ -159,6 +159,8 @@ def _scenes(draw):
 
 @settings(max_examples=80, deadline=None)
 @given(_scenes())
+# found by CI: 21 * (11 / 21) rounds to 11.000001 in float32, past the border, and the flip made it x0 = -1e-6
+@example(scene=(8, 21, [(0.0, 0.0, 21.0, 1.0)], (0, 0, 1, 21), (4, 11), True))
 def test_property_crop_resize_flip(scene):
     h, w, boxes, (top, left, ch, cw), (oh, ow), flip = scene
     image, target = _sample(h, w, boxes)

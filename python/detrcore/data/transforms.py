@@ -54,7 +54,10 @@ def resize(image: Tensor, target: dict, size: tuple[int, int]) -> tuple[Tensor, 
     sx, sy = ow / w, oh / h
     target = dict(target)
     if "boxes" in target:
-        target["boxes"] = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
+        b = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
+        # the rounded scale can put an edge on the border a hair outside (21 * (11 / 21) = 11.000001 in float32,
+        # which a flip then turns into x0 = -1e-6): boxes stay inside the image
+        target["boxes"] = torch.minimum(b.clamp(min=0), b.new_tensor([ow, oh, ow, oh]))
     if "area" in target:
         target["area"] = target["area"] * (sx * sy)
     target["size"] = torch.tensor([oh, ow], dtype=torch.int64)
