@@ -133,6 +133,25 @@ inline void scatter_rows(const T* __restrict__ src, T* __restrict__ dst, int64_t
   for (int64_t r = 0; r < S; ++r) std::memcpy(dst + r * stride, src + r * D, static_cast<size_t>(D) * sizeof(T));
 }
 
+// The value rows a backward (b, h) task reads and the grad_value rows it accumulates into, D channels each: in place
+// (rows H * D apart) or, kLocal, head-local copies in `local` (value copied in, grad_value zeroed; rows D apart).
+// end_task writes a head-local grad_value slice out.
+template <typename T, bool kLocal>
+inline void begin_task(const Args<T>& A, int64_t b, int64_t h, int64_t D, T* local, const T*& v, T*& gv) {
+  const int64_t HD = A.s.H * D, S = A.s.S;
+  v = A.value + b * S * HD + h * D;
+  gv = A.grad_value + b * S * HD + h * D;
+  if (kLocal) {
+    gather_rows(v, HD, local, S, D);
+    std::fill(local + S * D, local + 2 * S * D, T(0));
+    v = local, gv = local + S * D;
+  }
+}
+template <typename T, bool kLocal>
+inline void end_task(const Args<T>& A, int64_t b, int64_t h, int64_t D, const T* gv) {
+  if (kLocal) scatter_rows(gv, A.grad_value + b * A.s.S * A.s.H * D + h * D, A.s.H * D, A.s.S, D);
+}
+
 // One (b, q, h) output row: the samples of every level and point. v: this (b, h)'s value rows, rs apart.
 template <typename T>
 inline __attribute__((always_inline)) void fwd_row(const Args<T>& A, const T* v, int64_t rs, int64_t bqh, T* o) {
@@ -184,13 +203,9 @@ inline __attribute__((always_inline)) void bwd_range(const Args<T>& A, int64_t t
   T* local = kLocal ? scratch<T>(static_cast<size_t>(2 * s.S * D)) : nullptr;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / s.H, h = t % s.H;
-    const T* v = A.value + b * s.S * HD + h * D;
-    T* gv = A.grad_value + b * s.S * HD + h * D;
-    if (kLocal) {
-      gather_rows(v, HD, local, s.S, D);
-      std::fill(local + s.S * D, local + 2 * s.S * D, T(0));
-      v = local, gv = local + s.S * D;
-    }
+    const T* v;
+    T* gv;
+    begin_task<T, kLocal>(A, b, h, D, local, v, gv);
     // Head-local copies: query by query (each query's rows of the per-query arrays, H apart, are read once). In
     // place: level by level (the scattered value and grad_value rows of one level stay in cache).
     const int64_t n_outer = kLocal ? s.Q : s.L, n_inner = kLocal ? s.L : s.Q;
@@ -239,7 +254,7 @@ inline __attribute__((always_inline)) void bwd_range(const Args<T>& A, int64_t t
         }
       }
     }
-    if (kLocal) scatter_rows(gv, A.grad_value + b * s.S * HD + h * D, HD, s.S, D);
+    end_task<T, kLocal>(A, b, h, D, gv);
   }
 }
 
@@ -476,13 +491,9 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
   alignas(32) float dump[kD];
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t b = task / s.H, h = task % s.H;
-    const float* v = A.value + b * s.S * HD + h * kD;
-    float* gv = A.grad_value + b * s.S * HD + h * kD;
-    if (kLocal) {
-      gather_rows(v, HD, local, s.S, kD);
-      std::fill(local + s.S * kD, local + 2 * s.S * kD, 0.0f);
-      v = local, gv = local + s.S * kD;
-    }
+    const float* v;
+    float* gv;
+    begin_task<float, kLocal>(A, b, h, kD, local, v, gv);
     for (int64_t q = 0; q < s.Q; ++q) {
       const int64_t bqh = (b * s.Q + q) * s.H + h;
       __m256 g[kD / 8];
@@ -514,7 +525,7 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
         store_first(gl + 8, 2 * n - 8, _mm256_permute2f128_ps(xy_lo, xy_hi, 0x31));
       }
     }
-    if (kLocal) scatter_rows(gv, A.grad_value + b * s.S * HD + h * kD, HD, s.S, kD);
+    end_task<float, kLocal>(A, b, h, kD, gv);
   }
 }
 
