@@ -191,3 +191,60 @@ def test_stem_max_pool_matches_torch(hw, dtype):
     max_pool_3x3_s2(x2).backward(g)
     torch.nn.functional.max_pool2d(y2, 3, 2, 1).backward(g)
     torch.testing.assert_close(x2.grad, y2.grad)  # overlapping windows: sums in another order
+
+
+@pytest.mark.parametrize("name", ["deformable", "deformable_refine", "deformable_two_stage"])
+def test_encoder_skips_padding_with_the_same_results(name, monkeypatch):
+    """skip_padding (the default) runs the encoder on the valid positions only: same outputs and gradients as
+    computing every position, and the encoder layers really see fewer rows."""
+    from detrcore.models import deformable_transformer as dt
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(**{**SMALL, "num_queries": 40}, **VARIANTS[name], dropout=0.0)
+    packed = build_model(cfg)
+    full = build_model(ModelConfig.from_dict({**cfg.to_dict(), "skip_padding": False}))
+    full.load_state_dict(packed.state_dict())
+    images, mask, targets = padded_batch()
+    shapes = []
+    forward = dt.DeformableEncoderLayer.forward
+    monkeypatch.setattr(dt.DeformableEncoderLayer, "forward", lambda self, src, *a: shapes.append(src.shape) or
+                        forward(self, src, *a))
+    outs = [m(images, mask) for m in (packed, full)]
+    (n, c), (b, s, c2) = shapes[0], shapes[cfg.enc_layers]  # packed [N, C]; every position [B, S, C]
+    assert b * s * 0.6 < n < b * s and c == c2  # image 1 is ~45 % padding
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-5)
+    crit = SetCriterion(cfg.num_classes, HungarianMatcher(focal=True, cost_class=2.0), LossWeights(loss_ce=2.0),
+                        focal=True)
+    for m, out in zip((packed, full), outs):
+        crit(out, targets)["loss"].backward()
+    for (name, p1), p2 in zip(packed.named_parameters(), full.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # no padding: nothing to skip, the batch goes through whole
+    shapes.clear()
+    packed(images)
+    assert shapes[0] == (b, s, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_frozen_batchnorm_matches_eval_batchnorm_in_the_input_dtype(dtype):
+    from detrcore.models.backbone import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(0)
+    bn = FrozenBatchNorm2d(6)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).copy_(torch.randn(6, generator=g))
+    bn.running_var.copy_(torch.rand(6, generator=g) + 0.1)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    want = torch.nn.functional.batch_norm(x.double(), bn.running_mean.double(), bn.running_var.double(),
+                                          bn.weight.double(), bn.bias.double(), False, 0.0, bn.eps)
+    if dtype == torch.float64:
+        bn = bn.double()  # a float64 model (as for gradcheck) holds float64 statistics
+    out = bn(x.to(dtype))
+    assert out.dtype == dtype  # a bfloat16 activation is not promoted by the float32 statistics
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = torch.nn.Conv2d(6, 6, 1)
+        assert bn(conv(x)).dtype == torch.bfloat16

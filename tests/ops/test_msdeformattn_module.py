@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from detrcore.nn import MSDeformAttn
+from detrcore.nn import MSDeformAttn, TokenPacking
 from detrcore.ops import ms_deform_attn
 from detrcore.ops import reference
 from detrcore.ops.deform_attn import level_start_index_of
@@ -93,6 +93,17 @@ def test_under_autocast_the_sampling_positions_stay_float32(monkeypatch):
         out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
     (_, loc_full, _), (value_dtype, loc, aw_dtype) = seen
     assert out.dtype == value_dtype == torch.bfloat16 and loc.dtype == aw_dtype == torch.float32
+    # the attention-weight softmax runs in float32 on the bfloat16 logits (torch's autocast would keep it bfloat16)
+    B, Q, _ = q.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.attention_weights(q)
+    assert logits.dtype == torch.bfloat16
+    want = logits.float().view(B, Q, 2, 6).softmax(-1).view(B, Q, 2, 3, 2)
+    seen.clear()
+    monkeypatch.setattr(module, "ms_deform_attn", lambda v, ss, ls, loc, aw: seen.append(aw) or spy(v, ss, ls, loc, aw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
     # bfloat16 projections perturb the offsets, but the positions the op gets are not rounded to 8 bits
     assert not torch.equal(loc, loc.bfloat16().float())
     torch.testing.assert_close(loc, loc_full, rtol=0, atol=5e-3)
@@ -122,3 +133,65 @@ def test_bad_configuration_and_shapes():
     with pytest.raises(ValueError, match="value has S"):
         m(q, ref, x[:, :-1], SHAPES, level_start_index_of(SHAPES))
     assert math.isclose(float(m.sampling_offsets.bias.abs().max()), 2.0)
+
+
+def padded_inputs(seed=4):
+    """Two images over SHAPES; image 1 is padded on the right and bottom of every level (as a batch is)."""
+    q, ref, x = inputs(B=2, Q=int((SHAPES[:, 0] * SHAPES[:, 1]).sum()), seed=seed)
+    masks = []
+    for h, w in SHAPES.tolist():
+        m = torch.zeros(2, h, w, dtype=torch.bool)
+        m[1, (h + 1) // 2 + 1 :], m[1, :, (w + 1) // 2 :] = True, True
+        masks.append(m.flatten(1))
+    return q, ref, x, torch.cat(masks, 1)
+
+
+def test_token_packing_round_trip_and_errors():
+    _, _, x, mask = padded_inputs()
+    packing = TokenPacking(mask)
+    assert packing.counts == [int(v) for v in (~mask).sum(1)] and packing.num_valid == int((~mask).sum())
+    packed = packing.pack(x)
+    torch.testing.assert_close(packed, x[~mask], rtol=0, atol=0)
+    full = packing.unpack(packed)
+    assert (full[mask] == 0).all() and torch.equal(full[~mask], x[~mask])
+    packed.requires_grad_()
+    g = torch.randn(full.shape)
+    (packing.unpack(packed) * g).sum().backward()
+    assert torch.equal(packed.grad, g[~mask])
+    with pytest.raises(ValueError, match="packed positions"):
+        packing.unpack(packed[:-1])
+    with pytest.raises(ValueError, match=r"\[B=2, S="):
+        packing.pack(x[:, :-1])
+    with pytest.raises(ValueError, match="bool"):
+        TokenPacking(mask.float())
+
+
+@pytest.mark.parametrize("boxes", [False, True])
+def test_packed_queries_equal_the_padded_batch_at_valid_positions(boxes):
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    q, ref, x, mask = padded_inputs()
+    if boxes:
+        ref = torch.cat([ref, torch.full_like(ref, 0.2)], -1)
+    shapes, start = SHAPES, level_start_index_of(SHAPES)
+    want = m(q, ref, x, shapes, start, mask)  # every position computed
+    packing = TokenPacking(mask)
+    xp = packing.pack(x).requires_grad_()
+    got = m(packing.pack(q), packing.pack(ref), xp, shapes, start, packing=packing)
+    assert got.shape == (packing.num_valid, 16)
+    torch.testing.assert_close(got, want[~mask], rtol=1e-6, atol=1e-6)
+    # decoder form: queries of their own over the packed input
+    dq, dref = q[:, :7], ref[:, :7]
+    torch.testing.assert_close(m(dq, dref, xp, shapes, start, packing=packing), m(dq, dref, x, shapes, start, mask),
+                               rtol=1e-6, atol=1e-6)
+    # gradients: the packed input receives what the valid positions receive in the padded batch
+    x2 = x.clone().requires_grad_()
+    g = torch.randn(want.shape)
+    (m(q, ref, x2, shapes, start, mask)[~mask] * g[~mask]).sum().backward()
+    (got * g[~mask]).sum().backward()
+    torch.testing.assert_close(xp.grad, x2.grad[~mask], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="input_flatten"):
+        m(packing.pack(q), packing.pack(ref), x, shapes, start, packing=packing)
+    with pytest.raises(ValueError, match="packed query"):
+        m(packing.pack(q)[:-1], packing.pack(ref)[:-1], xp, shapes, start, packing=packing)

@@ -39,7 +39,10 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        # One pass (addcmul, not a multiply then an add), in x's dtype: under autocast a bfloat16 activation stays
+        # bfloat16 (as detectron2's FrozenBatchNorm2d does) instead of being promoted to float32 by the float32
+        # statistics, written at twice the bytes and cast back by the next convolution.
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

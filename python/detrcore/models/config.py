@@ -45,6 +45,9 @@ class ModelConfig:
     box_reparam: bool = False  # LW-DETR / Plain-DETR box parameterisation; needs two_stage
     neck: str | None = None  # None | "pan"
     aux_loss: bool = True
+    # Deformable: the encoder computes only the non-padded positions (nothing reads the others; same results,
+    # less work on padded batches). False computes every position, as the original code does.
+    skip_padding: bool = True
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -116,6 +119,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
            if cfg.position_embedding == "sine" else PositionEmbeddingLearned(half))
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers, cfg.ffn,
                                         cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points, cfg.enc_n_points,
-                                        cfg.two_stage, cfg.queries, cfg.box_reparam)
+                                        cfg.two_stage, cfg.queries, cfg.box_reparam,
+                                        cfg.skip_padding)
     return DeformableDETR(backbone, pos, transformer, cfg.num_classes, cfg.queries, cfg.num_feature_levels,
                           cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.box_reparam, cfg.neck)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, MSDeformAttn, MultiheadAttention
+from detrcore.nn import Dropout, MSDeformAttn, MultiheadAttention, TokenPacking
 from detrcore.ops import inverse_sigmoid
 
 from .transformer import clones, with_pos
@@ -100,9 +100,11 @@ class DeformableEncoderLayer(nn.Module):
         self.act_dropout, self.dropout3 = Dropout(dropout, relu=True), Dropout(dropout)  # act_dropout: ReLU + dropout
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, packing=None):
+        """src, pos [B, S, C] and reference_points [B, S, L, 2]; or with `packing`, the valid positions only:
+        [N, C] and [N, L, 2]."""
         attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask)
+                              padding_mask, packing)
         src = self.norm1(src + self.dropout1(attn))
         return self.norm2(src + self.dropout3(self.linear2(self.act_dropout(self.linear1(src)))))
 
@@ -118,11 +120,13 @@ class DeformableDecoderLayer(nn.Module):
         self.act_dropout, self.dropout4 = Dropout(dropout, relu=True), Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                packing=None):
+        """src: the encoder's memory [B, S, C], or with `packing` its valid positions [N, C]."""
         q = k = with_pos(tgt, query_pos)
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
         attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src, spatial_shapes, level_start_index,
-                               padding_mask)
+                               padding_mask, packing)
         tgt = self.norm1(tgt + self.dropout1(attn))
         return self.norm3(tgt + self.dropout4(self.linear2(self.act_dropout(self.linear1(tgt)))))
 
@@ -139,10 +143,13 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4,
                  dec_n_points: int = 4, enc_n_points: int = 4, two_stage: bool = False,
-                 two_stage_num_proposals: int = 300, box_reparam: bool = False):
+                 two_stage_num_proposals: int = 300, box_reparam: bool = False, skip_padding: bool = True):
         super().__init__()
         self.d_model, self.two_stage, self.num_proposals = d_model, two_stage, two_stage_num_proposals
         self.box_reparam = box_reparam
+        # Run the encoder on the non-padded positions only (TokenPacking): nothing reads what it computes at a
+        # padded one, so the results are the same with less work; False computes every position, as the original.
+        self.skip_padding = skip_padding
         self.encoder = nn.Module()
         self.encoder.layers = clones(DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                             nhead, enc_n_points), num_encoder_layers)
@@ -181,15 +188,20 @@ class DeformableTransformer(nn.Module):
         level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
-        memory = src
         enc_refs = encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+        packing = TokenPacking(mask) if self.skip_padding and bool(mask.any()) else None
+        if packing is not None:  # memory: [N, C], the valid positions
+            memory, pos, enc_refs = packing.pack(src), packing.pack(pos), packing.pack(enc_refs)
+        else:
+            memory = src
         for layer in self.encoder.layers:
-            memory = layer(memory, pos, enc_refs, shapes, level_start, mask)
+            memory = layer(memory, pos, enc_refs, shapes, level_start, mask, packing)
 
-        B, _, C = memory.shape
+        B, C = src.shape[0], src.shape[2]
         out = {}
         if self.two_stage:
-            tgt, query_pos, reference = self._select_proposals(memory, mask, spatial_shapes, bbox_embed, class_embed,
+            full = memory if packing is None else packing.unpack(memory)
+            tgt, query_pos, reference = self._select_proposals(full, mask, spatial_shapes, bbox_embed, class_embed,
                                                                out)
         else:
             query_pos, tgt = torch.split(query_embed, C, dim=1)
@@ -201,7 +213,7 @@ class DeformableTransformer(nn.Module):
         for lid, layer in enumerate(self.decoder.layers):
             ratios = torch.cat([valid_ratios, valid_ratios], -1) if reference.shape[-1] == 4 else valid_ratios
             output = layer(output, query_pos, reference[:, :, None] * ratios[:, None], memory, shapes, level_start,
-                           mask)
+                           mask, packing)
             references.append(reference)
             hs.append(output)
             if bbox_embed is not None:  # iterative refinement: the next layer starts from this layer's boxes

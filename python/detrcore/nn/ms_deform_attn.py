@@ -13,6 +13,43 @@ from torch import Tensor, nn
 from detrcore.ops import ms_deform_attn
 
 
+class TokenPacking:
+    """The non-padded positions of a batch of flattened maps, packed in batch order.
+
+    Deformable attention never reads a padded position (its value is zeroed) and nothing reads a padded query's
+    output, so an encoder can run its layers on the valid tokens alone: [N, C] instead of [B, S, C]. With the
+    padding of a typical detection batch (images of different sizes padded to the largest) that is a fifth to a
+    third less work per layer, with the same results at every valid position.
+
+    Args:
+        padding_mask: [B, S], True on padding. Reading the per-image counts synchronises once with the device.
+    """
+
+    def __init__(self, padding_mask: Tensor):
+        if padding_mask.dim() != 2 or padding_mask.dtype != torch.bool:
+            raise ValueError(f"padding_mask must be a [B, S] bool tensor, got {padding_mask.dtype} "
+                             f"{tuple(padding_mask.shape)}")
+        valid = ~padding_mask
+        self.batch, self.length = padding_mask.shape
+        self.index = valid.flatten().nonzero().squeeze(1)  # [N] positions in the flattened [B * S]
+        counts = valid.sum(1).tolist()
+        self.counts = counts
+        self.num_valid = sum(counts)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, S, ...] -> [N, ...]: the valid positions."""
+        if x.shape[:2] != (self.batch, self.length):
+            raise ValueError(f"expected [B={self.batch}, S={self.length}, ...], got shape {tuple(x.shape)}")
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """[N, ...] -> [B, S, ...] with zeros at the padded positions."""
+        if x.shape[0] != self.num_valid:
+            raise ValueError(f"expected {self.num_valid} packed positions, got shape {tuple(x.shape)}")
+        full = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy_(0, self.index, x)  # no clone
+        return full.view(self.batch, self.length, *x.shape[1:])
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention: each query attends to `n_points` sampled points per head and level.
 
@@ -64,6 +101,7 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: Tensor,
         input_level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
+        packing: TokenPacking | None = None,
     ) -> Tensor:
         """
         Args:
@@ -74,14 +112,54 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: `[L, 2]` (height, width) of each level.
             input_level_start_index: `[L]`.
             input_padding_mask: `[B, S]`, True on padding (those values are zeroed).
+            packing: `input_flatten` holds only the valid positions `[N, C]` of this packing (the padding mask is
+                then not needed); a packed `query` `[N, C]` with `reference_points` `[N, L, 2|4]` are the queries
+                at those positions (an encoder on valid tokens only; returns `[N, C]`).
         Returns:
-            `[B, Q, C]`.
+            `[B, Q, C]`, or `[N, C]` for packed queries.
         """
+        if packing is not None:
+            return self._forward_packed(query, reference_points, input_flatten, input_spatial_shapes,
+                                        input_level_start_index, packing)
         B, Q, C = query.shape
         S = input_flatten.shape[1]
-        H, L, P = self.n_heads, self.n_levels, self.n_points
         if input_flatten.shape[0] != B or input_flatten.shape[2] != C:
             raise ValueError(f"input_flatten must be [B={B}, S, C={C}], got shape {tuple(input_flatten.shape)}")
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(B, S, self.n_heads, C // self.n_heads)  # [B, S, H, D]
+        locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
+        return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
+                                               weights))
+
+    def _forward_packed(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                        packing: TokenPacking) -> Tensor:
+        C = input_flatten.shape[-1]
+        if input_flatten.shape != (packing.num_valid, C):
+            raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C], "
+                             f"got shape {tuple(input_flatten.shape)}")
+        value = packing.unpack(self.value_proj(input_flatten))  # zeros at the padding
+        value = value.view(packing.batch, packing.length, self.n_heads, C // self.n_heads)
+        if query.dim() == 3:  # queries of their own (a decoder's) over the packed input
+            locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
+            return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
+                                                   weights))
+        if query.shape[0] != packing.num_valid or reference_points.shape[:1] != query.shape[:1]:
+            raise ValueError(f"packed query and reference_points must have N={packing.num_valid} rows, got shapes "
+                             f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
+        locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
+        # Image b's queries are the next counts[b] rows; each samples its own image's value. (split, not slicing:
+        # the backward of a slice would write each image's gradient into a zeroed full-size tensor.)
+        out = torch.cat([ms_deform_attn(v, input_spatial_shapes, input_level_start_index, loc, w)
+                         for v, loc, w in zip(value.split(1), locations.split(packing.counts, 1),
+                                              weights.split(packing.counts, 1))], 1)
+        return self.output_proj(out.view(packing.num_valid, C))
+
+    def _sampling(self, query: Tensor, reference_points: Tensor, input_spatial_shapes: Tensor):
+        """Sampling locations [B, Q, H, L, P, 2] and attention weights [B, Q, H, L, P] of queries [B, Q, C]."""
+        B, Q, C = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
         if input_spatial_shapes.shape != (L, 2):
             raise ValueError(f"input_spatial_shapes must be [{L}, 2], got shape {tuple(input_spatial_shapes.shape)}")
         if reference_points.dim() != 4 or reference_points.shape[:3] != (B, Q, L) or \
@@ -89,13 +167,11 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must be [B={B}, Q={Q}, L={L}, 2 or 4], got shape {tuple(reference_points.shape)}"
             )
-
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(B, S, H, C // H)  # [B, S, H, D]
         offsets = self.sampling_offsets(query)  # [B, Q, H * L * P * 2]
-        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        weights = self.attention_weights(query).view(B, Q, H, L * P)
+        # The softmax in float32 (under autocast torch would run it in bfloat16: 8-bit weights, and on the CPU 5x
+        # slower than in float32 over rows of L * P = 16).
+        weights = weights.to(torch.promote_types(weights.dtype, torch.float32)).softmax(-1).view(B, Q, H, L, P)
         # locations = reference + offsets x scale, per (h, l, p, xy) slot: scale = 1 / (w, h) of the level, or half
         # the reference box's (w, h) / P. Reference and scale are spread over the slots with one index_select
         # and combined in one addcmul over a contiguous [B, Q, H*L*P*2] (as a broadcast over [B, Q, H, L, P, 2]
@@ -115,7 +191,5 @@ class MSDeformAttn(nn.Module):
         # Under autocast the projections may run in half precision while the reference points, the locations and
         # the softmax stay float32: the op takes float32 locations and weights with a half-precision value, so the
         # sampling positions are not rounded to 8 bits (steps of 0.4 pixel on a 100-pixel-wide level).
-        loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
-                             locations.to(loc_dtype), weights.to(loc_dtype))  # [B, Q, C]
-        return self.output_proj(out)
+        loc_dtype = torch.float32 if offsets.dtype in (torch.float16, torch.bfloat16) else offsets.dtype
+        return locations.to(loc_dtype), weights.to(loc_dtype)
