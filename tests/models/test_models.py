@@ -245,6 +245,26 @@ def test_frozen_batchnorm_matches_eval_batchnorm_in_the_input_dtype(dtype):
     assert out.dtype == dtype  # a bfloat16 activation is not promoted by the float32 statistics
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        conv = torch.nn.Conv2d(6, 6, 1)
-        assert bn(conv(x)).dtype == torch.bfloat16
+    # training (x requires grad): the same forward; the gradient is grad * scale, nothing for the statistics
+    xg = x.to(dtype).requires_grad_()
+    out2 = bn(xg)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    out2.backward(grad)
+    scale = (bn.weight * (bn.running_var + bn.eps).rsqrt()).view(1, -1, 1, 1)
+    torch.testing.assert_close(xg.grad.double(), (grad.double() * scale.double()), rtol=tol, atol=tol)
+    assert xg.grad.dtype == dtype and not any(b.requires_grad for b in bn.buffers())
+    if dtype == torch.float32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv = torch.nn.Conv2d(6, 6, 1)
+            assert bn(conv(x)).dtype == torch.bfloat16
+
+
+def test_frozen_batchnorm_gradcheck():
+    from detrcore.models.backbone import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(3).double()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.uniform_(-2.0, 2.0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bn, (x,))

@@ -35,8 +35,8 @@ def make_batch(seed: int = 0, size: tuple[int, int] = (HEIGHT, WIDTH), device: s
     return images.to(device), mask.to(device), targets
 
 
-def ours(variant: dict, size=(HEIGHT, WIDTH), device: str = "cpu"):
-    cfg = ModelConfig(num_classes=NUM_CLASSES, backbone="resnet50", **variant)
+def ours(variant: dict, size=(HEIGHT, WIDTH), device: str = "cpu", skip_padding: bool = True):
+    cfg = ModelConfig(num_classes=NUM_CLASSES, backbone="resnet50", skip_padding=skip_padding, **variant)
     model = build_model(cfg).train().to(device)
     crit = SetCriterion(NUM_CLASSES, HungarianMatcher(cost_class=2.0, focal=True), LossWeights(loss_ce=2.0),
                         focal=True)
@@ -93,8 +93,10 @@ def _autocast(step, precision: str, device: str = "cpu"):
     return wrapped
 
 
-def run(repeats: int = 7, variants=None, precisions=PRECISIONS, device: str = "cpu", size=None) -> dict:
-    """size: (height, width) of the batch's images; default 256 x 320 on the CPU, GPU_SIZE on a GPU."""
+def run(repeats: int = 7, variants=None, precisions=PRECISIONS, device: str = "cpu", size=None,
+        skip_padding: bool = True) -> dict:
+    """size: (height, width) of the batch's images; default 256 x 320 on the CPU, GPU_SIZE on a GPU.
+    skip_padding: ModelConfig.skip_padding of detrcore's models (the batch's second image is 44 % padding)."""
     cuda = torch.device(device).type == "cuda"
     size = tuple(size or (GPU_SIZE if cuda else (HEIGHT, WIDTH)))
     rows, records = [], []
@@ -102,7 +104,7 @@ def run(repeats: int = 7, variants=None, precisions=PRECISIONS, device: str = "c
         for precision in precisions:
             torch.manual_seed(0)
             steps, rec = {}, {"variant": name, "precision": precision}
-            steps["ours"], rec["ours_params"] = ours(VARIANTS[name], size, device)
+            steps["ours"], rec["ours_params"] = ours(VARIANTS[name], size, device, skip_padding)
             try:
                 steps["transformers"], rec["transformers_params"] = huggingface(VARIANTS[name], size, device)
             except ImportError as e:
@@ -132,4 +134,5 @@ def run(repeats: int = 7, variants=None, precisions=PRECISIONS, device: str = "c
     except ImportError:
         version = None
     return {"benchmark": "train_step", "device": device, "batch": [BATCH, 3, *size], "transformers": version,
+            "skip_padding": skip_padding,
             "machine": machine(), "results": records, "table": table}

