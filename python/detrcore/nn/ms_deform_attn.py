@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrcore.ops import ms_deform_attn
@@ -168,11 +167,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must be [B={B}, Q={Q}, L={L}, 2 or 4], got shape {tuple(reference_points.shape)}"
             )
-        # Both projections of the query as one GEMM (one pass over the query, one gradient for it).
-        so, aw = self.sampling_offsets, self.attention_weights
-        proj = F.linear(query, torch.cat([so.weight, aw.weight]), torch.cat([so.bias, aw.bias]))
-        offsets, weights = proj.split([H * L * P * 2, H * L * P], -1)  # [B, Q, H*L*P*2], [B, Q, H*L*P]
-        weights = weights.view(B, Q, H, L * P)
+        offsets = self.sampling_offsets(query)  # [B, Q, H * L * P * 2]
+        weights = self.attention_weights(query).view(B, Q, H, L * P)
         # The softmax in float32 (under autocast torch would run it in bfloat16: 8-bit weights, and on the CPU 5x
         # slower than in float32 over rows of L * P = 16).
         weights = weights.to(torch.promote_types(weights.dtype, torch.float32)).softmax(-1).view(B, Q, H, L, P)
