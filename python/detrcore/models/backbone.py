@@ -39,7 +39,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # torch's inference-mode batch norm: one fused pass that keeps x's dtype (under autocast a bfloat16
         # activation stays bfloat16, computed with the float32 statistics, instead of being promoted to float32,
-        # written at twice the bytes and cast back by the next convolution); 2x faster than x * scale + shift.
+        # written at twice the bytes and cast back by the next convolution). Alone 2x faster than x * scale + shift;
+        # in a whole training step within noise.
         if not (torch.is_grad_enabled() and x.requires_grad):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]

@@ -32,9 +32,8 @@ class TokenPacking:
         valid = ~padding_mask
         self.batch, self.length = padding_mask.shape
         self.index = valid.flatten().nonzero().squeeze(1)  # [N] positions in the flattened [B * S]
-        counts = valid.sum(1).tolist()
-        self.counts = counts
-        self.num_valid = sum(counts)
+        self.counts = valid.sum(1).tolist()  # valid positions per image
+        self.num_valid = sum(self.counts)
 
     def pack(self, x: Tensor) -> Tensor:
         """[B, S, ...] -> [N, ...]: the valid positions."""
