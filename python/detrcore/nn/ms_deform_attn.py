@@ -117,43 +117,41 @@ class MSDeformAttn(nn.Module):
         Returns:
             `[B, Q, C]`, or `[N, C]` for packed queries.
         """
-        if packing is not None:
-            return self._forward_packed(query, reference_points, input_flatten, input_spatial_shapes,
-                                        input_level_start_index, packing)
-        B, Q, C = query.shape
-        S = input_flatten.shape[1]
-        if input_flatten.shape[0] != B or input_flatten.shape[2] != C:
-            raise ValueError(f"input_flatten must be [B={B}, S, C={C}], got shape {tuple(input_flatten.shape)}")
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(B, S, self.n_heads, C // self.n_heads)  # [B, S, H, D]
+        value = self._value(query, input_flatten, input_padding_mask, packing)  # [B, S, H, D]
+        if query.dim() == 2:  # packed queries: an encoder on the valid positions only
+            if packing is None or query.shape[0] != packing.num_valid or \
+                    reference_points.shape[:1] != query.shape[:1]:
+                raise ValueError(f"packed query and reference_points need a packing and must have "
+                                 f"N={packing.num_valid if packing else '?'} rows, got shapes "
+                                 f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
+            locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
+            # Image b's queries are the next counts[b] rows; each samples its own image's value. (split, not
+            # slicing: the backward of a slice would write each image's gradient into a zeroed full-size tensor.)
+            out = torch.cat([ms_deform_attn(v, input_spatial_shapes, input_level_start_index, loc, w)
+                             for v, loc, w in zip(value.split(1), locations.split(packing.counts, 1),
+                                                  weights.split(packing.counts, 1))], 1)
+            return self.output_proj(out.view(query.shape))
         locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
         return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
                                                weights))
 
-    def _forward_packed(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                        packing: TokenPacking) -> Tensor:
-        C = input_flatten.shape[-1]
-        if input_flatten.shape != (packing.num_valid, C):
-            raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C], "
-                             f"got shape {tuple(input_flatten.shape)}")
-        value = packing.unpack(self.value_proj(input_flatten))  # zeros at the padding
-        value = value.view(packing.batch, packing.length, self.n_heads, C // self.n_heads)
-        if query.dim() == 3:  # queries of their own (a decoder's) over the packed input
-            locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
-            return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
-                                                   weights))
-        if query.shape[0] != packing.num_valid or reference_points.shape[:1] != query.shape[:1]:
-            raise ValueError(f"packed query and reference_points must have N={packing.num_valid} rows, got shapes "
-                             f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
-        locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
-        # Image b's queries are the next counts[b] rows; each samples its own image's value. (split, not slicing:
-        # the backward of a slice would write each image's gradient into a zeroed full-size tensor.)
-        out = torch.cat([ms_deform_attn(v, input_spatial_shapes, input_level_start_index, loc, w)
-                         for v, loc, w in zip(value.split(1), locations.split(packing.counts, 1),
-                                              weights.split(packing.counts, 1))], 1)
-        return self.output_proj(out.view(packing.num_valid, C))
+    def _value(self, query: Tensor, input_flatten: Tensor, padding_mask: Tensor | None,
+               packing: TokenPacking | None) -> Tensor:
+        """The projected values [B, S, H, D], zero at the padding."""
+        C = query.shape[-1]
+        if packing is not None:
+            if input_flatten.shape != (packing.num_valid, C):
+                raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C={C}], "
+                                 f"got shape {tuple(input_flatten.shape)}")
+            value = packing.unpack(self.value_proj(input_flatten))  # zeros at the padding
+        else:
+            if input_flatten.dim() != 3 or input_flatten.shape[0] != query.shape[0] or input_flatten.shape[2] != C:
+                raise ValueError(f"input_flatten must be [B={query.shape[0]}, S, C={C}], "
+                                 f"got shape {tuple(input_flatten.shape)}")
+            value = self.value_proj(input_flatten)
+            if padding_mask is not None:
+                value = value.masked_fill(padding_mask[..., None], 0.0)
+        return value.view(*value.shape[:2], self.n_heads, C // self.n_heads)
 
     def _sampling(self, query: Tensor, reference_points: Tensor, input_spatial_shapes: Tensor):
         """Sampling locations [B, Q, H, L, P, 2] and attention weights [B, Q, H, L, P] of queries [B, Q, C]."""
