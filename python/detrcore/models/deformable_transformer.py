@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, MSDeformAttn, MultiheadAttention, TokenPacking
+from detrcore.nn import Dropout, Linear, MSDeformAttn, MultiheadAttention, TokenPacking
 from detrcore.ops import inverse_sigmoid
 
 from .transformer import clones, with_pos
@@ -96,7 +96,7 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1, self.norm1 = Dropout(dropout), nn.LayerNorm(d_model)
-        self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
+        self.linear1, self.linear2 = Linear(d_model, d_ffn), Linear(d_ffn, d_model)
         self.act_dropout, self.dropout3 = Dropout(dropout, relu=True), Dropout(dropout)  # act_dropout: ReLU + dropout
         self.norm2 = nn.LayerNorm(d_model)
 
@@ -116,7 +116,7 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout1, self.norm1 = Dropout(dropout), nn.LayerNorm(d_model)
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.dropout2, self.norm2 = Dropout(dropout), nn.LayerNorm(d_model)
-        self.linear1, self.linear2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
+        self.linear1, self.linear2 = Linear(d_model, d_ffn), Linear(d_ffn, d_model)
         self.act_dropout, self.dropout4 = Dropout(dropout, relu=True), Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
@@ -158,10 +158,10 @@ class DeformableTransformer(nn.Module):
                                                             nhead, dec_n_points), num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
-            self.enc_output, self.enc_output_norm = nn.Linear(d_model, d_model), nn.LayerNorm(d_model)
-            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d_model, 2 * d_model), nn.LayerNorm(2 * d_model)
+            self.enc_output, self.enc_output_norm = Linear(d_model, d_model), nn.LayerNorm(d_model)
+            self.pos_trans, self.pos_trans_norm = Linear(2 * d_model, 2 * d_model), nn.LayerNorm(2 * d_model)
         else:
-            self.reference_points = nn.Linear(d_model, 2)
+            self.reference_points = Linear(d_model, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

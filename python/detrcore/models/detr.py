@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from detrcore.nn import Linear
+
 from .backbone import Backbone, mask_at
 from .deformable_transformer import DeformableTransformer, refine_boxes
 from .neck import PAN
@@ -40,7 +42,7 @@ class DETR(nn.Module):
         self.backbone, self.position_encoding, self.transformer = backbone, position_encoding, transformer
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], d, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, d)
-        self.class_embed = nn.Linear(d, num_classes + 1)  # + the no-object class, always last
+        self.class_embed = Linear(d, num_classes + 1)  # + the no-object class, always last
         self.bbox_embed = MLP(d, d, 4, 3)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
@@ -90,7 +92,7 @@ class DeformableDETR(nn.Module):
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * d)  # [query position | target]
 
-        class_embed, bbox_embed = nn.Linear(d, num_classes), MLP(d, d, 4, 3)
+        class_embed, bbox_embed = Linear(d, num_classes), MLP(d, d, 4, 3)
         prior_prob = 0.01
         nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(bbox_embed.layers[-1].weight)

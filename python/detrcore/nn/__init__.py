@@ -1,6 +1,7 @@
 """Building-block modules on top of detrcore.ops (the models package composes them)."""
 from .attention import MultiheadAttention
 from .dropout import Dropout
+from .onednn_linear import Linear, linear
 from .ms_deform_attn import MSDeformAttn, TokenPacking
 
-__all__ = ["Dropout", "MSDeformAttn", "MultiheadAttention", "TokenPacking"]
+__all__ = ["Dropout", "Linear", "MSDeformAttn", "MultiheadAttention", "TokenPacking", "linear"]

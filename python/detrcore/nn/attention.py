@@ -1,4 +1,5 @@
-"""nn.MultiheadAttention whose attention-weight dropout, in training on the CPU, is detrcore's native dropout.
+"""nn.MultiheadAttention whose attention-weight dropout, in training on the CPU, is detrcore's native dropout (and
+whose projections are detrcore.nn.linear: oneDNN for float32 on the CPU).
 
 torch's own path draws that dropout mask with bernoulli_, which on the CPU costs more than the two attention
 matmuls it sits between (8 ms for DETR's 2 x 8 x 300 x 300 decoder weights on 2 threads, vs < 1 ms). Parameters,
@@ -9,10 +10,11 @@ CUDA) is torch's forward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrcore.ops import dropout
+
+from .onednn_linear import linear
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -28,15 +30,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         w, b = self.in_proj_weight, self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         wq, wk, wv = w.chunk(3)
-        q = F.linear(query, wq, bq).view(B, Lq, H, -1).transpose(1, 2)  # [B, H, Lq, d]
-        k = F.linear(key, wk, bk).view(B, Lk, H, -1).transpose(1, 2)
-        v = F.linear(value, wv, bv).view(B, Lk, H, -1).transpose(1, 2)
+        q = linear(query, wq, bq).view(B, Lq, H, -1).transpose(1, 2)  # [B, H, Lq, d]
+        k = linear(key, wk, bk).view(B, Lk, H, -1).transpose(1, 2)
+        v = linear(value, wv, bv).view(B, Lk, H, -1).transpose(1, 2)
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         attn = dropout(logits.softmax(-1), self.dropout, True)
         out = (attn @ v).transpose(1, 2).reshape(B, Lq, E)
-        return self.out_proj(out), None
+        return linear(out, self.out_proj.weight, self.out_proj.bias), None
 
     def _native_dropout_applies(self, query: Tensor, key_padding_mask: Tensor | None, need_weights: bool, attn_mask,
                                 is_causal: bool) -> bool:

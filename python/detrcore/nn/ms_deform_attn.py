@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from detrcore.ops import ms_deform_attn
 
+from .onednn_linear import Linear
+
 
 class TokenPacking:
     """The non-padded positions of a batch of flattened maps, packed in batch order.
@@ -67,10 +69,10 @@ class MSDeformAttn(nn.Module):
             if v < 1:
                 raise ValueError(f"{name} must be at least 1, got {v}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self.record_sampling = False  # keep the last call's (sampling_locations, attention_weights), for pictures
         self.last_sampling: tuple[Tensor, Tensor] | None = None
         self.reset_parameters()

@@ -1,0 +1,155 @@
+"""detrcore.nn.linear / Linear (oneDNN for float32 on the CPU): values and all three gradients against a float64
+F.linear over odd sizes, 3-D and non-contiguous inputs, with and without bias; the fallbacks to F.linear (float64,
+autocast, 1-D, empty, the environment switch); the module's parameter names; torch.compile; a MultiheadAttention
+step through it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detrcore.nn import Linear, MultiheadAttention, linear
+from detrcore.nn import onednn_linear as linear_module
+
+ONEDNN = linear_module._ONEDNN is not None
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN linear op")
+
+SHAPES = [((1, 1), 1), ((7, 13), 5), ((3, 5, 33), 17), ((2660, 256), 1024), ((64, 1024), 256), ((2, 3, 4, 9), 2)]
+
+
+def reference(x, w, b, g):
+    """Float64 F.linear and its gradients for x, w, b given the output gradient g."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y = F.linear(x64, w64, b64)
+    y.backward(g.double())
+    return y, x64.grad, w64.grad, None if b is None else b64.grad
+
+
+def close(actual, expected, k):
+    # float32 sums of k products in another order: error grows like sqrt(k)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=1e-6 * k ** 0.5 * 4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,n", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matches_float64_reference_with_gradients(shape, n, bias, contiguous):
+    g = torch.Generator().manual_seed(sum(shape) + n)
+    k = shape[-1]
+    if contiguous:
+        x = torch.randn(*shape, generator=g)
+    else:  # the last two axes stored transposed
+        x = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g).transpose(-1, -2)
+        assert not x.is_contiguous() or min(shape[-2:]) == 1
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    x.requires_grad_(), w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    y = linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "_OneDnnLinearFnBackward"
+    go = torch.randn(y.shape, generator=g)
+    y.backward(go)
+    ry, rgx, rgw, rgb = reference(x, w, b, go)
+    close(y, ry, k)
+    close(x.grad, rgx, n)
+    close(w.grad, rgw, x.numel() // k)
+    if bias:
+        close(b.grad, rgb, x.numel() // k)
+
+
+@needs_onednn
+def test_only_the_needed_gradients():
+    x, w, b = torch.randn(9, 6), torch.randn(4, 6, requires_grad=True), torch.randn(4)
+    y = linear(x, w, b)
+    y.sum().backward()
+    assert x.grad is None and b.grad is None
+    torch.testing.assert_close(w.grad, torch.ones(9, 4).t() @ x)
+    x.requires_grad_()
+    linear(x, w.detach(), None).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(9, 4) @ w.detach())
+
+
+@needs_onednn
+def test_no_grad_forward_is_the_same_computation():
+    x, w, b = torch.randn(33, 20), torch.randn(7, 20, requires_grad=True), torch.randn(7)
+    with torch.no_grad():
+        y = linear(x, w, b)
+    assert y.grad_fn is None
+    assert torch.equal(y, linear(x, w, b).detach())
+    close(y, F.linear(x.double(), w.double(), b.double()), 20)
+
+
+def test_fallbacks_are_f_linear_exactly():
+    g = torch.Generator().manual_seed(0)
+    x64, w64, b64 = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g,
+                                                                                     dtype=torch.float64), None
+    assert torch.equal(linear(x64, w64, b64), F.linear(x64, w64, b64))  # float64
+    x, w, b = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = linear(x, w, b), F.linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)  # autocast
+    assert torch.equal(linear(x[0], w, b), F.linear(x[0], w, b))  # 1-D
+    assert linear(x[:0], w, b).shape == (0, 3)  # empty
+    assert not linear_module.onednn_applies(x.bfloat16(), w.bfloat16(), b.bfloat16())
+
+
+def test_shape_errors_are_torchs():
+    with pytest.raises(RuntimeError):
+        linear(torch.randn(4, 5), torch.randn(3, 6))
+
+
+def test_environment_switch_turns_it_off():
+    code = "from detrcore.nn import onednn_linear as m; print(m._ONEDNN is None)"
+    env = dict(os.environ, DETRCORE_ONEDNN_LINEAR="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_module_names_and_state_dict_match_nn_linear():
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(12, 5)
+    ours = Linear(12, 5)
+    assert isinstance(ours, torch.nn.Linear)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4, 12)
+    close(ours(x), F.linear(x.double(), theirs.weight.double(), theirs.bias.double()), 12)
+
+
+def test_torch_compile_fullgraph():
+    lin = Linear(16, 32)
+
+    def f(x):
+        return lin(x).relu().sum()
+
+    x = torch.randn(4, 16)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_multihead_attention_projections_go_through_it():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(32, 4, dropout=0.2, batch_first=True).train()
+    q = torch.randn(2, 7, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = ours(q, q, q, need_weights=False)[0]
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "_OneDnnLinearFnBackward" in names
+    # the same step in float64 (torch's F.linear) with the same dropout draws
+    ours64 = MultiheadAttention(32, 4, dropout=0.2, batch_first=True, dtype=torch.float64).train()
+    ours64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    torch.manual_seed(3)
+    ref = ours64(q.double(), q.double(), q.double(), need_weights=False)[0]
+    close(out, ref, 32)
