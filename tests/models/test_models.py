@@ -7,6 +7,7 @@ from detrcore.models import (DETR, DeformableDETR, HungarianMatcher, LossWeights
                              build_model)
 from detrcore.models.backbone import ResNetBackbone
 from detrcore.models.official import map_official_state_dict, official_config
+from detrcore.nn import Linear, MultiheadAttention
 
 SMALL = dict(num_classes=5, backbone="resnet18", enc_layers=2, dec_layers=2, hidden_dim=64, nheads=4, num_queries=12,
              dim_feedforward=128)
@@ -172,6 +173,17 @@ def test_official_key_mapping_round_trip(variant):
 def test_model_classes():
     assert isinstance(build_model(ModelConfig(**SMALL, arch="detr")), DETR)
     assert isinstance(build_model(ModelConfig(**SMALL)), DeformableDETR)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_linear_layer_is_detrcores(name):
+    """The transformer's and the heads' linear layers are detrcore.nn.Linear (oneDNN in float32 on the CPU);
+    MultiheadAttention's out_proj is torch's class, but its forward computes it through detrcore.nn.linear."""
+    model = build_model(ModelConfig(**SMALL, **VARIANTS[name]))
+    linears = {n: type(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all(t is Linear for n, t in linears.items() if not n.endswith(".out_proj")), linears
+    assert all(type(m) is MultiheadAttention for n, m in model.named_modules()
+               if isinstance(m, torch.nn.MultiheadAttention))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -153,3 +153,17 @@ def test_multihead_attention_projections_go_through_it():
     torch.manual_seed(3)
     ref = ours64(q.double(), q.double(), q.double(), need_weights=False)[0]
     close(out, ref, 32)
+
+
+@needs_onednn
+def test_double_backward_matches_f_linear():
+    g = torch.Generator().manual_seed(11)
+    x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((6, 9), (4, 9), (4,)))
+
+    def second_order(fn):
+        y = fn(x, w, b)
+        gx, gw = torch.autograd.grad((y ** 2).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w, b))
+
+    for ours, theirs in zip(second_order(linear), second_order(F.linear)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # values ~10-100: float32 order

@@ -73,7 +73,10 @@ class _OneDnnLinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).contiguous()  # [M, N]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g, weight.t(), None).view(x.shape)  # [M, N] @ [N, K]
+            if torch.is_grad_enabled():  # create_graph=True: torch's differentiable product (double backward)
+                grad_x = g.mm(weight).view(x.shape)
+            else:
+                grad_x = _mm(g, weight.t(), None).view(x.shape)  # [M, N] @ [N, K]
         if ctx.needs_input_grad[1]:
             grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))  # [N, M] @ [M, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
