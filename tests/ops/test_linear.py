@@ -110,6 +110,13 @@ def test_environment_switch_turns_it_off():
     assert out.stdout.strip() == "True"
 
 
+def test_only_on_x86_64(monkeypatch):
+    monkeypatch.setattr(linear_module.platform, "machine", lambda: "aarch64")
+    assert linear_module._onednn_linear_op() is None
+    monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
+    assert (linear_module._onednn_linear_op() is not None) == torch.backends.mkldnn.is_available()
+
+
 def test_module_names_and_state_dict_match_nn_linear():
     torch.manual_seed(0)
     theirs = torch.nn.Linear(12, 5)

@@ -13,6 +13,7 @@ or DETRCORE_ONEDNN_LINEAR=0 in the environment — is `F.linear`.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,20 @@ from torch import Tensor, nn
 
 
 def _onednn_linear_op():
-    if os.environ.get("DETRCORE_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+    """torch's oneDNN linear op, or None: switched off, not an x86-64 CPU (measured there only), a torch without
+    the op, or one whose op does not take these arguments or disagrees with F.linear on a small probe."""
+    if (os.environ.get("DETRCORE_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available()
+            or platform.machine().lower() not in ("x86_64", "amd64")):
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):  # a torch built without it
-        return None
+        op = torch.ops.mkldnn._linear_pointwise.default
+        x, w, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3), torch.arange(4.0)
+        if torch.equal(op(x, w, b, "none", [], ""), F.linear(x, w, b)) and torch.equal(
+                op(x, w.t().contiguous().t(), None, "none", [], ""), F.linear(x, w)):
+            return op
+    except (AttributeError, RuntimeError, TypeError):  # a torch built without it, or another signature
+        pass
+    return None
 
 
 _ONEDNN = _onednn_linear_op()
