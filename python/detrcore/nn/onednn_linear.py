@@ -58,10 +58,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] | None -> [..., N]."""
     if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDnnLinearFn.apply(x, weight, bias)
-    return _forward(x, weight, bias)
+    return _forward(x, weight, bias)  # nothing to differentiate: no autograd node
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
