@@ -186,6 +186,38 @@ def test_every_linear_layer_is_detrcores(name):
                if isinstance(m, torch.nn.MultiheadAttention))
 
 
+@pytest.mark.parametrize("name", ["deformable", "deformable_refine", "deformable_two_stage",
+                                  "deformable_two_stage_reparam"])
+def test_heads_run_once_per_layer_and_match_per_layer_heads(name):
+    """Shared heads run once over all decoder layers; per-layer box heads run once per layer (the decoder's
+    refinement output is reused for the predictions). Every layer's predictions equal its heads applied to its
+    decoder output, one layer at a time."""
+    from detrcore.models.deformable_transformer import refine_boxes
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, **VARIANTS[name], dropout=0.0)
+    model = build_model(cfg).eval()
+    captured, calls = {}, []
+    model.transformer.register_forward_hook(lambda m, args, out: captured.update(out))
+    box_heads = list(model.bbox_embed) if cfg.with_box_refine else [model.bbox_embed]
+    for head in box_heads:
+        head.register_forward_hook(lambda m, args, out: calls.append(m))
+    images, mask, _ = padded_batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    layers = [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
+    if cfg.with_box_refine:  # each head once (two-stage: the encoder's head, index dec_layers, as well)
+        assert sorted(box_heads.index(m) for m in calls) == list(range(cfg.dec_layers + cfg.two_stage))
+    else:
+        assert len(calls) == 1
+    with torch.no_grad():
+        for lvl, (hs, ref) in enumerate(zip(captured["hs"], captured["references"])):
+            cls = model.class_embed[lvl] if cfg.with_box_refine else model.class_embed
+            box = model.bbox_embed[lvl] if cfg.with_box_refine else model.bbox_embed
+            torch.testing.assert_close(layers[lvl]["pred_logits"], cls(hs))
+            torch.testing.assert_close(layers[lvl]["pred_boxes"], refine_boxes(box(hs), ref, cfg.box_reparam))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hw", [(8, 10), (7, 9), (1, 1), (2, 5)])
 def test_stem_max_pool_matches_torch(hw, dtype):

@@ -148,6 +148,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.detrcore.relu_dropout_backward.default, (g, F.relu(x.detach()), 0.25))
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_is_the_custom_op(relu, dtype):
+    """In eager mode `ops.dropout` skips torch.library's dispatch; values and gradients are the custom op's, and a
+    create_graph backward gives the same first-order gradient."""
+    x = torch.randn(37, 70, generator=gen(3)).to(dtype).requires_grad_()
+    g = torch.randn(37, 70, generator=gen(4)).to(dtype)
+    torch.manual_seed(11)
+    y = ops.dropout(x, 0.3, relu=relu)
+    assert y.grad_fn is not None and "EagerDropout" in type(y.grad_fn).__name__
+    torch.manual_seed(11)
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    y_op = torch.ops.detrcore.dropout(x, seed, 0.3, relu)
+    assert torch.equal(y, y_op)
+    (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (gx_op,) = torch.autograd.grad(y_op, x, g)
+    assert torch.equal(gx, gx_op)
+    (gx_graph,) = torch.autograd.grad(y, x, g, create_graph=True)
+    assert torch.equal(gx_graph, gx)
+
+
 def test_torch_compile_fullgraph():
     lin = torch.nn.Linear(16, 32)
 
@@ -188,10 +209,16 @@ def attention_reference(mha, q, k, v, key_padding_mask, keep):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_multihead_attention_matches_torch_with_the_same_mask(with_mask):
+@pytest.mark.parametrize("self_attention", [False, True])
+def test_multihead_attention_matches_torch_with_the_same_mask(with_mask, self_attention):
+    """self_attention: query is key (one product for both projections) and value a different tensor, as DETR's
+    decoder calls it; values and every gradient against torch's own attention with the same dropout mask."""
     torch.manual_seed(0)
     mha = MultiheadAttention(32, 4, dropout=0.3, batch_first=True, dtype=torch.float64).train()
-    q, k, v = (torch.randn(2, n, 32, dtype=torch.float64) for n in (5, 7, 7))
+    q, k, v = (torch.randn(2, n, 32, dtype=torch.float64) for n in ((7, 7, 7) if self_attention else (5, 7, 7)))
+    if self_attention:
+        k = q
+    q.requires_grad_(), v.requires_grad_()
     mask = torch.zeros(2, 7, dtype=torch.bool)
     if with_mask:
         mask[1, 4:] = True
@@ -199,11 +226,13 @@ def test_multihead_attention_matches_torch_with_the_same_mask(with_mask):
     out, weights = mha(q, k, v, key_padding_mask=mask if with_mask else None, need_weights=False)
     assert weights is None
     torch.manual_seed(77)
-    keep = ops.dropout(torch.ones(2, 4, 5, 7, dtype=torch.float64), 0.3) != 0
+    keep = ops.dropout(torch.ones(2, 4, q.shape[1], 7, dtype=torch.float64), 0.3) != 0
     ref = attention_reference(mha, q, k, v, mask if with_mask else None, keep)
     torch.testing.assert_close(out, ref)
-    out.sum().backward()
-    assert mha.in_proj_weight.grad is not None and torch.isfinite(mha.in_proj_weight.grad).all()
+    g = torch.randn_like(out)
+    leaves = [q, v, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight]
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_multihead_attention_falls_back_to_torch():

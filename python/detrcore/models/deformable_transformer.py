@@ -208,7 +208,7 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = query_pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
             reference = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
 
-        hs, references = [], []
+        hs, references, deltas = [], [], []
         output = tgt
         for lid, layer in enumerate(self.decoder.layers):
             ratios = torch.cat([valid_ratios, valid_ratios], -1) if reference.shape[-1] == 4 else valid_ratios
@@ -217,9 +217,12 @@ class DeformableTransformer(nn.Module):
             references.append(reference)
             hs.append(output)
             if bbox_embed is not None:  # iterative refinement: the next layer starts from this layer's boxes
-                reference = refine_boxes(bbox_embed[lid](output), reference, self.box_reparam).detach()
+                deltas.append(bbox_embed[lid](output))
+                reference = refine_boxes(deltas[-1], reference, self.box_reparam).detach()
         out["hs"] = torch.stack(hs)
         out["references"] = references
+        if bbox_embed is not None:  # the box head's outputs per layer, for the predictions (not recomputed)
+            out["box_deltas"] = deltas
         return out
 
     def _select_proposals(self, memory, mask, spatial_shapes, bbox_embed, class_embed, out):

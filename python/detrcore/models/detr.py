@@ -115,11 +115,6 @@ class DeformableDETR(nn.Module):
             for head in (self.bbox_embed if self.with_box_refine else [self.bbox_embed]):
                 nn.init.zeros_(head.layers[-1].bias)
 
-    def _heads(self, lvl: int) -> tuple[nn.Module, nn.Module]:
-        if self.with_box_refine:
-            return self.class_embed[lvl], self.bbox_embed[lvl]
-        return self.class_embed, self.bbox_embed
-
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
         _check_images(images)
         mask = _default_mask(images, mask)
@@ -140,11 +135,12 @@ class DeformableDETR(nn.Module):
         out = self.transformer(srcs, masks, pos, None if self.two_stage else self.query_embed.weight,
                                bbox_embed=self.bbox_embed if self.with_box_refine else None,
                                class_embed=self.class_embed if self.two_stage else None)
-        logits, boxes = [], []
-        for lvl, (hs, ref) in enumerate(zip(out["hs"], out["references"])):
-            class_head, box_head = self._heads(lvl)
-            logits.append(class_head(hs))
-            boxes.append(refine_boxes(box_head(hs), ref, self.box_reparam))
+        if self.with_box_refine:  # a head per decoder layer; the decoder already ran the box heads
+            logits = [self.class_embed[lvl](hs) for lvl, hs in enumerate(out["hs"])]
+            deltas = out["box_deltas"]
+        else:  # heads shared by every layer: one product over all layers' [L, B, Q, C] (larger GEMMs)
+            logits, deltas = list(self.class_embed(out["hs"]).unbind(0)), self.bbox_embed(out["hs"]).unbind(0)
+        boxes = [refine_boxes(delta, ref, self.box_reparam) for delta, ref in zip(deltas, out["references"])]
         result = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         result["aux_outputs"] = ([{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
                                  if self.aux_loss else [])

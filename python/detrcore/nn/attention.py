@@ -30,8 +30,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         w, b = self.in_proj_weight, self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         wq, wk, wv = w.chunk(3)
-        q = linear(query, wq, bq).view(B, Lq, H, -1).transpose(1, 2)  # [B, H, Lq, d]
-        k = linear(key, wk, bk).view(B, Lk, H, -1).transpose(1, 2)
+        if query is key:  # self-attention (DETR's q = k = tgt + pos): both projections in one product
+            q, k = linear(query, w[: 2 * E], None if b is None else b[: 2 * E]).split(E, -1)
+        else:
+            q, k = linear(query, wq, bq), linear(key, wk, bk)
+        q = q.view(B, Lq, H, -1).transpose(1, 2)  # [B, H, Lq, d]
+        k = k.view(B, Lk, H, -1).transpose(1, 2)
         v = linear(value, wv, bv).view(B, Lk, H, -1).transpose(1, 2)
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
         if key_padding_mask is not None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from detrcore.ops import ms_deform_attn
 
-from .onednn_linear import Linear
+from .onednn_linear import Linear, linear
 
 
 class TokenPacking:
@@ -166,8 +166,13 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must be [B={B}, Q={Q}, L={L}, 2 or 4], got shape {tuple(reference_points.shape)}"
             )
-        offsets = self.sampling_offsets(query)  # [B, Q, H * L * P * 2]
-        weights = self.attention_weights(query).view(B, Q, H, L * P)
+        # Both projections of the query in one product ([C] -> H*L*P*2 + H*L*P: larger GEMMs run faster, and the
+        # backward sums one input gradient instead of two); same parameters, same results.
+        so, aw = self.sampling_offsets, self.attention_weights
+        both = linear(query, torch.cat([so.weight, aw.weight]),
+                      None if so.bias is None or aw.bias is None else torch.cat([so.bias, aw.bias]))
+        offsets, weights = both.split([so.out_features, aw.out_features], -1)  # [B, Q, H*L*P*2], [B, Q, H*L*P]
+        weights = weights.view(B, Q, H, L * P)
         # The softmax in float32 (under autocast torch would run it in bfloat16: 8-bit weights, and on the CPU 5x
         # slower than in float32 over rows of L * P = 16).
         weights = weights.to(torch.promote_types(weights.dtype, torch.float32)).softmax(-1).view(B, Q, H, L, P)

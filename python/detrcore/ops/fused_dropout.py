@@ -97,4 +97,34 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
     if p == 1.0 or input.device.type != "cpu" or input.dtype not in _NATIVE_DTYPES:
         return F.dropout(F.relu(input) if relu else input, p, True)
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator)
-    return _dropout(input, seed, float(p), relu)
+    if torch.compiler.is_compiling():
+        return _dropout(input, seed, float(p), relu)
+    return _EagerDropout.apply(input, seed, float(p), relu)
+
+
+class _EagerDropout(torch.autograd.Function):
+    """The custom op's computation without its dispatch: in eager mode torch.library's custom-op machinery costs
+    70-150 us per forward + backward here (0.18 -> 0.10 ms for a [600, 256] dropout), ~5 ms per Deformable DETR
+    training step. torch.compile traces the custom op instead (same kernels, same seed, same results)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, seed: Tensor, p: float, relu: bool) -> Tensor:
+        x = _native(x)
+        out = torch.empty_like(x)
+        _C.dropout(x, out, int(seed), p, relu, num_threads=_lib.num_threads())
+        ctx.p, ctx.relu = p, relu
+        ctx.save_for_backward(out if relu else seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the custom ops' backward, exactly as the compiled path
+            return _backward(ctx, grad)
+        (saved,) = ctx.saved_tensors
+        grad = _native(grad)
+        out = torch.empty_like(grad)
+        if ctx.relu:
+            _C.relu_dropout_backward(grad, _native(saved), out, ctx.p, num_threads=_lib.num_threads())
+        else:
+            _C.dropout_backward(grad, out, int(saved), ctx.p, num_threads=_lib.num_threads())
+        return out, None, None, None
