@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.nn import Linear
+from detrcore.nn import Conv2d, Linear
 
 from .backbone import Backbone, mask_at
 from .deformable_transformer import DeformableTransformer, refine_boxes
@@ -86,7 +86,8 @@ class DeformableDETR(nn.Module):
         proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in channels]
         in_ch = channels[-1]
         for _ in range(num_feature_levels - len(channels)):  # extra levels: 3x3 stride-2 convs on raw C5
-            proj.append(nn.Sequential(nn.Conv2d(in_ch, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            # detrcore's Conv2d: as unfold + matmul when the output is small and the weight large (C5 -> d)
+            proj.append(nn.Sequential(Conv2d(in_ch, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
             in_ch = d
         self.input_proj = nn.ModuleList(proj)
         if not two_stage:
