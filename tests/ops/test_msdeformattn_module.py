@@ -29,10 +29,15 @@ def test_initialisation_follows_the_paper():
     assert (m.value_proj.bias == 0).all() and m.value_proj.weight.std() > 0
 
 
-def test_matches_a_hand_written_forward():
+@pytest.mark.parametrize("without_bias", [None, "sampling_offsets", "attention_weights"])
+def test_matches_a_hand_written_forward(without_bias):
+    """The two query projections run as one product; a bias removed by hand runs them as written."""
     m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3)
     torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
     torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.bias, std=0.1)
+    if without_bias:
+        getattr(m, without_bias).bias = None
     q, ref, x = inputs()
     out = m(q, ref, x, SHAPES, level_start_index_of(SHAPES))
     B, Q, _ = q.shape

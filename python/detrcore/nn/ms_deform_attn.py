@@ -167,11 +167,13 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must be [B={B}, Q={Q}, L={L}, 2 or 4], got shape {tuple(reference_points.shape)}"
             )
         # Both projections of the query in one product ([C] -> H*L*P*2 + H*L*P: larger GEMMs run faster, and the
-        # backward sums one input gradient instead of two); same parameters, same results.
+        # backward sums one input gradient instead of two); same parameters, results within float rounding.
         so, aw = self.sampling_offsets, self.attention_weights
-        both = linear(query, torch.cat([so.weight, aw.weight]),
-                      None if so.bias is None or aw.bias is None else torch.cat([so.bias, aw.bias]))
-        offsets, weights = both.split([so.out_features, aw.out_features], -1)  # [B, Q, H*L*P*2], [B, Q, H*L*P]
+        if so.bias is None or aw.bias is None:  # a bias removed by hand: the two products as written
+            offsets, weights = so(query), aw(query)
+        else:  # [B, Q, H*L*P*2], [B, Q, H*L*P]
+            offsets, weights = linear(query, torch.cat([so.weight, aw.weight]), torch.cat([so.bias, aw.bias])).split(
+                [so.out_features, aw.out_features], -1)
         weights = weights.view(B, Q, H, L * P)
         # The softmax in float32 (under autocast torch would run it in bfloat16: 8-bit weights, and on the CPU 5x
         # slower than in float32 over rows of L * P = 16).
