@@ -4,12 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "assignment.h"
 #include "box_ops.h"
 #include "dropout.h"
+#include "frozen_bn.h"
 #include "ms_deform_attn.h"
 #include "parallel.h"
 #include "tensor.h"
@@ -441,6 +443,87 @@ void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, doub
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Frozen batch norm (+ residual, + ReLU) over [N, C, ...] (CPU): float32 / float64 / bfloat16 tensors, scale and
+// shift [C] in float32 (float64 for float64 tensors).
+struct PlaneShape {
+  int64_t N, C, HW;
+};
+PlaneShape frozen_bn_check(const View& ref, std::initializer_list<const View*> same,
+                           std::initializer_list<const View*> outputs, std::initializer_list<const View*> per_channel) {
+  if (ref.device != DeviceKind::cpu) throw ValueError("detrcore frozen_bn: " + arg(ref) + " must be a CPU tensor");
+  if (ref.dtype != DType::f32 && ref.dtype != DType::f64 && ref.dtype != DType::bf16)
+    throw TypeError(arg(ref) + " must be float32, float64 or bfloat16, got " + dtype_name(ref.dtype));
+  if (ref.ndim < 2) throw ValueError(arg(ref) + " must be [N, C, ...], got shape " + ref.shape_str());
+  check_contiguous(ref);
+  for (const View* v : same) {
+    check_same_device(ref, *v);
+    check_same_dtype(ref, *v);
+    check_contiguous(*v);
+    check_same_shape(ref, *v);
+  }
+  for (const View* v : outputs) check_writable(*v);
+  const DType param = ref.dtype == DType::f64 ? DType::f64 : DType::f32;
+  for (const View* v : per_channel) {
+    check_same_device(ref, *v);
+    check_contiguous(*v);
+    if (v->dtype != param)
+      throw TypeError(arg(*v) + " must be " + dtype_name(param) + " for " + dtype_name(ref.dtype) + " tensors, got " +
+                      dtype_name(v->dtype));
+    if (v->ndim != 1 || v->size(0) != ref.size(1))
+      throw ValueError(arg(*v) + " must be [" + std::to_string(ref.size(1)) + "], got shape " + v->shape_str());
+  }
+  const int64_t N = ref.size(0), C = ref.size(1);
+  return {N, C, N * C == 0 ? 0 : ref.numel() / (N * C)};
+}
+
+template <typename Fn>
+void float_dispatch(DType t, Fn&& fn) {
+  py::gil_scoped_release nogil;
+  if (t == DType::f32) {
+    fn(float{});
+  } else if (t == DType::f64) {
+    fn(double{});
+  } else {
+    fn(BFloat16{});
+  }
+}
+
+void frozen_bn(py::handle x_, py::handle r_, py::handle scale_, py::handle shift_, py::handle y_, bool relu,
+               int num_threads) {
+  Arg x(x_, "input"), scale(scale_, "scale"), shift(shift_, "shift"), y(y_, "out");
+  std::optional<Arg> r;
+  if (!r_.is_none()) r.emplace(r_, "residual");
+  const PlaneShape sh = r ? frozen_bn_check(x.v, {&y.v, &r->v}, {&y.v}, {&scale.v, &shift.v})
+                          : frozen_bn_check(x.v, {&y.v}, {&y.v}, {&scale.v, &shift.v});
+  float_dispatch(x.v.dtype, [&](auto t) {
+    using T = decltype(t);
+    using S = typename Elem<T>::C;
+    frozen_bn_cpu<T>(x.v.ptr<T>(), r ? r->v.ptr<T>() : nullptr, scale.v.ptr<S>(), shift.v.ptr<S>(), y.v.ptr<T>(),
+                     sh.N, sh.C, sh.HW, relu, threads_arg(num_threads));
+  });
+}
+
+void frozen_bn_backward(py::handle grad_, py::handle y_, py::handle scale_, py::handle gx_, py::handle gr_, bool relu,
+                        int num_threads) {
+  Arg grad(grad_, "grad"), scale(scale_, "scale"), gx(gx_, "grad_input");
+  std::optional<Arg> y, gr;
+  if (relu) y.emplace(y_, "output");
+  if (!gr_.is_none()) gr.emplace(gr_, "grad_residual");
+  std::vector<const View*> same{&gx.v}, outs{&gx.v};
+  if (y) same.push_back(&y->v);
+  if (gr) same.push_back(&gr->v), outs.push_back(&gr->v);
+  PlaneShape sh = frozen_bn_check(grad.v, {}, {}, {&scale.v});
+  for (const View* v : same) frozen_bn_check(grad.v, {v}, {}, {});
+  for (const View* v : outs) check_writable(*v);
+  float_dispatch(grad.v.dtype, [&](auto t) {
+    using T = decltype(t);
+    using S = typename Elem<T>::C;
+    frozen_bn_bwd_cpu<T>(grad.v.ptr<T>(), y ? y->v.ptr<T>() : nullptr, scale.v.ptr<S>(), gx.v.ptr<T>(),
+                         gr ? gr->v.ptr<T>() : nullptr, sh.N, sh.C, sh.HW, relu, threads_arg(num_threads));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Multi-scale deformable attention.
 struct MsdaArgs {
   Arg value, shapes, starts, loc, attn;
@@ -761,6 +844,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), nt, s);
   m.def("dropout", &dropout, py::arg("input"), py::arg("out"), py::arg("seed"), py::arg("p"), py::arg("relu"), nt,
         "CPU dropout (optionally after ReLU) from a counter-based stream: out = keep * scale * input.");
+  m.def("frozen_bn", &frozen_bn, py::arg("input"), py::arg("residual"), py::arg("scale"), py::arg("shift"),
+        py::arg("out"), py::arg("relu"), nt,
+        "Frozen batch norm over [N, C, ...]: out = act(input * scale[c] + shift[c] (+ residual)), act ReLU if relu.");
+  m.def("frozen_bn_backward", &frozen_bn_backward, py::arg("grad"), py::arg("output"), py::arg("scale"),
+        py::arg("grad_input"), py::arg("grad_residual"), py::arg("relu"), nt,
+        "Gradients of frozen_bn from its output (read only with relu); grad_residual may be None.");
   m.def("dropout_backward", &dropout_backward, py::arg("grad"), py::arg("grad_input"), py::arg("seed"), py::arg("p"),
         nt, "The dropout mask regenerated from `seed`: grad_input = keep * scale * grad.");
   m.def("relu_dropout_backward", &relu_dropout_backward, py::arg("grad"), py::arg("output"), py::arg("grad_input"),

@@ -1,7 +1,5 @@
 #include "dropout.h"
 
-#include <cstring>
-
 #include "parallel.h"
 
 namespace detrcore {
@@ -15,31 +13,6 @@ constexpr int64_t kGrain = 32768;  // elements per thread: smaller work is not w
 #else
 #define DETRCORE_CPU_CLONES
 #endif
-
-// Element access in the compute type: float for bfloat16 (round to nearest even on the way back, NaN kept quiet).
-template <typename T>
-struct Elem {
-  using C = T;
-  static C load(T v) { return v; }
-  static T store(C v) { return v; }
-};
-template <>
-struct Elem<BFloat16> {
-  using C = float;
-  static float load(BFloat16 v) {
-    const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  }
-  static BFloat16 store(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return {static_cast<uint16_t>(u >> 16)};
-  }
-};
 
 template <typename T, bool kRelu>
 DETRCORE_CPU_CLONES void forward_range(const T* __restrict x, T* __restrict y, int64_t i0, int64_t i1, uint64_t seed,

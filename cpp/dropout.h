@@ -11,11 +11,9 @@
 #pragma once
 #include <cstdint>
 
-namespace detrcore {
+#include "elem.h"
 
-struct BFloat16 {
-  uint16_t bits;
-};
+namespace detrcore {
 
 template <typename T>
 void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, double scale, bool relu,

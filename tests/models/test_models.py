@@ -312,3 +312,82 @@ def test_frozen_batchnorm_gradcheck():
     bn.weight.uniform_(-2.0, 2.0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(bn, (x,))
+
+
+def _frozen_bn(channels=6, dtype=torch.float32, seed=0):
+    from detrcore.models.backbone import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    bn = FrozenBatchNorm2d(channels)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).copy_(torch.randn(channels, generator=g))
+    bn.running_var.copy_(torch.rand(channels, generator=g) + 0.1)
+    return bn.double() if dtype == torch.float64 else bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_frozen_batchnorm_residual_relu_matches_torch_ops(dtype, residual, relu, layout):
+    """bn(x, r, relu=True) = relu(bn(x) + r), one native pass (contiguous) or torch's ops (channels_last): values
+    and the gradients of x and r against float64 autograd through batch_norm, add and relu."""
+    bn = _frozen_bn(dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 5, 7, generator=g).to(dtype)
+    r = torch.randn(2, 6, 5, 7, generator=g).to(dtype) if residual else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert bn._native_applies(x, r) == (layout == "contiguous")
+    leaves = [x.requires_grad_()] + ([r.requires_grad_()] if residual else [])
+    out = bn(x, r, relu=relu)
+    assert out.dtype == dtype
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.nn.functional.batch_norm(leaves64[0], bn.running_mean.double(), bn.running_var.double(),
+                                          bn.weight.double(), bn.bias.double(), False, 0.0, bn.eps)
+    if residual:
+        want = want + leaves64[1]
+    away = want.abs() > 0.1  # off ReLU's kink, where rounding x in bfloat16 may flip the side
+    if relu:
+        want = want.relu()
+    want_grads = torch.autograd.grad(want, leaves64, grad.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    for got, w in zip(grads, want_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double()[away], w[away], rtol=tol, atol=tol)
+
+
+def test_frozen_batchnorm_residual_relu_gradcheck_and_double_backward():
+    bn = _frozen_bn(3, torch.float64)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    r = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    pre = x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1) + r
+    r = torch.where(pre.abs() < 1e-3, r + 0.1, r)  # away from ReLU's kink
+    x.requires_grad_(), r.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: bn(a, b, relu=True), (x, r))
+    assert torch.autograd.gradgradcheck(lambda a, b: bn(a, b, relu=True), (x, r))
+
+
+def test_frozen_batchnorm_follows_its_buffers_and_names_bad_arguments():
+    from detrcore import _C
+
+    bn = _frozen_bn()
+    x = torch.randn(2, 6, 3, 3)
+    before = bn(x)
+    bn.load_state_dict({k: v * 2 for k, v in bn.state_dict().items()})  # new statistics: new scale and shift
+    after = bn(x)
+    want = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    torch.testing.assert_close(after, want)
+    assert not torch.allclose(before, after)
+    scale, shift = bn.affine()
+    with pytest.raises(TypeError, match="scale"):
+        _C.frozen_bn(x, None, scale.double(), shift, torch.empty_like(x), False)
+    with pytest.raises(ValueError, match="residual"):
+        _C.frozen_bn(x, torch.zeros(2, 6, 3, 4), scale, shift, torch.empty_like(x), False)
+    with pytest.raises(ValueError, match="shift"):
+        _C.frozen_bn(x, None, scale, shift[:5], torch.empty_like(x), False)

@@ -67,6 +67,18 @@ def test_dropout_entry_points_never_crash(a, b, c, seed, p, relu, same):
 
 
 @SETTINGS
+@given(a=tensors(), b=tensors(), c=tensors(), s=tensors(max_dims=2), t=tensors(max_dims=2), relu=st.booleans(),
+       residual=st.booleans(), well_formed=st.booleans())
+def test_frozen_bn_entry_points_never_crash(a, b, c, s, t, relu, residual, well_formed):
+    if well_formed and a.dim() >= 2:  # per-channel scale and shift of the right length, so the kernels run
+        s = torch.rand(a.shape[1], dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+        t = torch.rand_like(s)
+        b = torch.empty_like(a)
+    call(_C.frozen_bn, a, c if residual else None, s, t, b, relu)
+    call(_C.frozen_bn_backward, a, c, s, b, a.clone() if residual else None, relu)
+
+
+@SETTINGS
 @given(data=st.data())
 def test_box_entry_points_with_well_formed_shapes(data):
     """Shapes that pass the checks (so the kernels run) with hostile values and zero-size dimensions."""
@@ -163,6 +175,8 @@ def test_non_tensors_are_type_errors(bad):
         _C.box_pairwise(bad, t, torch.empty(1, 2, 2), True)
     with pytest.raises(TypeError):
         _C.dropout(bad, t, 0, 0.5, False)
+    with pytest.raises(TypeError):
+        _C.frozen_bn(bad, None, torch.ones(2), torch.ones(2), t, True)
     with pytest.raises((TypeError, ValueError)):
         _C.linear_sum_assignment(bad, False)
     call(_C.inspect, bad)  # reports what it sees, or raises

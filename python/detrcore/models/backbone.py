@@ -13,13 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrcore.ops import _lib
+from detrcore.ops._lib import _C
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (buffers, not parameters), as DETR uses.
 
-    Loads torchvision / official checkpoints (their `num_batches_tracked` entries are accepted and ignored).
+    `forward(x, residual=None, relu=False)` is `act(bn(x) + residual)`: a ResNet block's normalisation, shortcut
+    add and ReLU in one pass over memory (and one back) on the CPU for contiguous float32 / float64 / bfloat16
+    inputs (the native `frozen_bn` kernels); elsewhere torch's ops. The result keeps x's dtype (under autocast a
+    bfloat16 activation stays bfloat16, computed with the float32 statistics). Loads torchvision / official
+    checkpoints (their `num_batches_tracked` entries are accepted and ignored).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -29,6 +36,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self._affine_cache: tuple | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -36,33 +44,72 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # torch's inference-mode batch norm: one fused pass that keeps x's dtype (under autocast a bfloat16
-        # activation stays bfloat16, computed with the float32 statistics, instead of being promoted to float32,
-        # written at twice the bytes and cast back by the next convolution). Alone 2x faster than x * scale + shift;
-        # in a whole training step within noise.
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
-        return _FrozenBatchNormFn.apply(x, self, scale)
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) with bn(x) = x * scale + shift per channel; recomputed only when a buffer changes."""
+        bufs = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple((b.data_ptr(), b._version, b.dtype, b.device) for b in bufs) + (self.eps,)
+        if self._affine_cache is None or self._affine_cache[0] != key:
+            with torch.no_grad():
+                scale = self.weight * (self.running_var + self.eps).rsqrt()
+                shift = self.bias - self.running_mean * scale
+            self._affine_cache = (key, scale, shift)
+        return self._affine_cache[1], self._affine_cache[2]
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        if self._native_applies(x, residual):
+            scale, shift = self.affine()
+            if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+                return _FrozenBatchNormFn.apply(x, residual, scale, shift, relu)
+            return _frozen_bn(x, residual, scale, shift, relu)
+        # torch's inference-mode batch norm: one fused pass that keeps x's dtype; its backward is grad * scale.
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
+
+    def _native_applies(self, x: Tensor, residual: Tensor | None) -> bool:
+        param = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+                and x.dim() >= 2 and x.is_contiguous() and self.weight.dtype == param
+                and self.weight.device == x.device and x.shape[1] == self.weight.shape[0]
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                          and residual.device == x.device))
+                and not torch.compiler.is_compiling())
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _frozen_bn(x: Tensor, residual: Tensor | None, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    out = torch.empty_like(x)
+    _C.frozen_bn(x.detach(), None if residual is None else residual.detach().contiguous(), scale, shift, out, relu,
+                 num_threads=_lib.num_threads())
+    return out
+
+
 class _FrozenBatchNormFn(torch.autograd.Function):
-    """The frozen batch norm's forward as one fused pass; its backward, grad * scale (torch's batch-norm backward
-    is 2-5x slower than that multiply on the CPU). The statistics are buffers: no gradient for them."""
+    """act(x * scale + shift + residual) and its backward in one native pass each (torch: batch_norm, add, relu_
+    forward; threshold_backward and a multiply backward). The statistics are buffers: no gradient for them."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bn: FrozenBatchNorm2d, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(scale)
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    def forward(ctx, x: Tensor, residual: Tensor | None, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+        out = _frozen_bn(x, residual, scale, shift, relu)
+        ctx.relu, ctx.has_residual = relu, residual is not None
+        ctx.save_for_backward(out if relu else None, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (scale,) = ctx.saved_tensors
-        return grad * scale.to(grad.dtype).view(1, -1, 1, 1), None, None
+        out, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same in differentiable torch ops
+            g = grad * (out > 0).to(grad.dtype) if ctx.relu else grad
+            shape = (1, -1) + (1,) * (grad.dim() - 2)
+            return g * scale.to(grad.dtype).view(shape), g if ctx.has_residual else None, None, None, None
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(grad)
+        grad_r = torch.empty_like(grad) if ctx.has_residual and ctx.needs_input_grad[1] else None
+        _C.frozen_bn_backward(grad, out, scale, grad_x, grad_r, ctx.relu, num_threads=_lib.num_threads())
+        return grad_x, grad_r, None, None, None
 
 
 def mask_at(mask: Tensor, size) -> Tensor:
@@ -85,8 +132,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        out = self.bn1(self.conv1(x), relu=True)  # relu(bn1(conv1(x))) in one pass
+        return self.bn2(self.conv2(out), identity, relu=True)  # relu(bn2(conv2(out)) + identity)
 
 
 class Bottleneck(nn.Module):
@@ -106,9 +153,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.bn1(self.conv1(x), relu=True)  # relu(bn1(conv1(x))) in one pass
+        out = self.bn2(self.conv2(out), relu=True)
+        return self.bn3(self.conv3(out), identity, relu=True)  # relu(bn3(conv3(out)) + identity)
 
 
 RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -164,7 +211,7 @@ class ResNet(nn.Module):
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """The outputs of layer1..layer4 (strides 4, 8, 16, 32; 16 for layer4 with DC5)."""
-        x = max_pool_3x3_s2(self.relu(self.bn1(self.conv1(x))))
+        x = max_pool_3x3_s2(self.bn1(self.conv1(x), relu=True))
         outs = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
