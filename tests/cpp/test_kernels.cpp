@@ -128,6 +128,12 @@ static void test_dropout() {
       EXPECT_NEAR(gr[i], keep && x[i] > 0 ? g[i] * scale : 0.0f, 0);
     }
     if (n >= 40000) EXPECT_NEAR(static_cast<double>(kept) / n, 0.7, 0.02);
+    if (n >= 40000) {  // the two halves of one SplitMix64 output decide independently: both dropped ~ p^2
+      int64_t both = 0;
+      for (int64_t k = 0; 2 * k + 1 < n; ++k)
+        both += dropout_draw(seed, 2 * k) < threshold && dropout_draw(seed, 2 * k + 1) < threshold;
+      EXPECT_NEAR(static_cast<double>(both) / (n / 2), 0.09, 0.01);
+    }
   }
 }
 

@@ -1,8 +1,8 @@
 """Dropout on the CPU without a stored mask: one pass over memory instead of torch's three (bernoulli_, div,
 mul), and a fused ReLU + dropout for feed-forward blocks.
 
-The keep/drop decision for element i of a call is the i-th output of a SplitMix64 stream whose seed is drawn
-from torch's default CPU generator (so `torch.manual_seed` makes runs repeatable and checkpointed RNG states
+The keep/drop decision for element i of a call compares a 32-bit draw with p * 2^32: the high (even i) or low
+(odd i) half of output i // 2 of a SplitMix64 stream whose seed is drawn from torch's default CPU generator (so `torch.manual_seed` makes runs repeatable and checkpointed RNG states
 resume them exactly). The backward regenerates the mask from the seed; for `relu=True` it needs only the
 output (out > 0 exactly where the input was positive and kept). Results do not depend on the thread count.
 
