@@ -391,3 +391,22 @@ def test_frozen_batchnorm_follows_its_buffers_and_names_bad_arguments():
         _C.frozen_bn(x, torch.zeros(2, 6, 3, 4), scale, shift, torch.empty_like(x), False)
     with pytest.raises(ValueError, match="shift"):
         _C.frozen_bn(x, None, scale, shift[:5], torch.empty_like(x), False)
+
+
+def test_frozen_batchnorm_under_torch_compile_and_off_the_native_path():
+    """torch.compile traces torch's ops; a channels-last input takes them in eager mode: both with the light
+    backward, matching the native path's values and gradients."""
+    bn = _frozen_bn()
+    x = torch.randn(2, 6, 5, 7)
+    r = torch.randn(2, 6, 5, 7)
+    results = []
+    for run in ("native", "channels_last", "compiled"):
+        xi = (x.contiguous(memory_format=torch.channels_last) if run == "channels_last" else x.clone()).requires_grad_()
+        ri = r.clone().requires_grad_()
+        fn = torch.compile(bn) if run == "compiled" else bn
+        out = fn(xi, ri, relu=True)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), xi.grad, ri.grad))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            torch.testing.assert_close(got, want)

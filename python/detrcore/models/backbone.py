@@ -46,6 +46,9 @@ class FrozenBatchNorm2d(nn.Module):
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """(scale, shift) with bn(x) = x * scale + shift per channel; recomputed only when a buffer changes."""
+        if torch.compiler.is_compiling():  # traced: the graph recomputes it (four [C] ops)
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            return scale, self.bias - self.running_mean * scale
         bufs = (self.weight, self.bias, self.running_mean, self.running_var)
         key = tuple((b.data_ptr(), b._version, b.dtype, b.device) for b in bufs) + (self.eps,)
         if self._affine_cache is None or self._affine_cache[0] != key:
@@ -56,16 +59,18 @@ class FrozenBatchNorm2d(nn.Module):
         return self._affine_cache[1], self._affine_cache[2]
 
     def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
-        if self._native_applies(x, residual):
-            scale, shift = self.affine()
-            if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
-                return _FrozenBatchNormFn.apply(x, residual, scale, shift, relu)
-            return _frozen_bn(x, residual, scale, shift, relu)
-        # torch's inference-mode batch norm: one fused pass that keeps x's dtype; its backward is grad * scale.
+        native = self._native_applies(x, residual)
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+            # Either way only the output (for the ReLU mask) is kept for the backward, not the input.
+            return _FrozenBatchNormFn.apply(x, residual, self, relu, native)
+        return _frozen_bn(x, residual, *self.affine(), relu) if native else self._torch_forward(x, residual, relu)
+
+    def _torch_forward(self, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+        # torch's inference-mode batch norm: one fused pass that keeps x's dtype.
         y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if residual is not None:
             y = y + residual
-        return F.relu(y) if relu else y
+        return y.relu_() if relu else y
 
     def _native_applies(self, x: Tensor, residual: Tensor | None) -> bool:
         param = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -88,20 +93,22 @@ def _frozen_bn(x: Tensor, residual: Tensor | None, scale: Tensor, shift: Tensor,
 
 
 class _FrozenBatchNormFn(torch.autograd.Function):
-    """act(x * scale + shift + residual) and its backward in one native pass each (torch: batch_norm, add, relu_
-    forward; threshold_backward and a multiply backward). The statistics are buffers: no gradient for them."""
+    """act(bn(x) + residual): natively one pass each way (torch: batch_norm, add, relu_ forward; threshold_backward
+    and a multiply backward), else torch's ops with the same light backward (grad, masked by out > 0 for the ReLU,
+    times scale), which keeps only the output. The statistics are buffers: no gradient for them."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor | None, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
-        out = _frozen_bn(x, residual, scale, shift, relu)
-        ctx.relu, ctx.has_residual = relu, residual is not None
+    def forward(ctx, x: Tensor, residual: Tensor | None, bn: FrozenBatchNorm2d, relu: bool, native: bool) -> Tensor:
+        scale, shift = bn.affine()
+        out = _frozen_bn(x, residual, scale, shift, relu) if native else bn._torch_forward(x, residual, relu)
+        ctx.relu, ctx.has_residual, ctx.native = relu, residual is not None, native
         ctx.save_for_backward(out if relu else None, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         out, scale = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the same in differentiable torch ops
+        if not ctx.native or torch.is_grad_enabled():  # torch's ops (differentiable: create_graph works too)
             g = grad * (out > 0).to(grad.dtype) if ctx.relu else grad
             shape = (1, -1) + (1,) * (grad.dim() - 2)
             return g * scale.to(grad.dtype).view(shape), g if ctx.has_residual else None, None, None, None
