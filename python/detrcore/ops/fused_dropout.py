@@ -2,9 +2,10 @@
 mul), and a fused ReLU + dropout for feed-forward blocks.
 
 The keep/drop decision for element i of a call compares a 32-bit draw with p * 2^32: the high (even i) or low
-(odd i) half of output i // 2 of a SplitMix64 stream whose seed is drawn from torch's default CPU generator (so `torch.manual_seed` makes runs repeatable and checkpointed RNG states
-resume them exactly). The backward regenerates the mask from the seed; for `relu=True` it needs only the
-output (out > 0 exactly where the input was positive and kept). Results do not depend on the thread count.
+(odd i) half of output i // 2 of a SplitMix64 stream whose seed is drawn from torch's default CPU generator (so
+`torch.manual_seed` makes runs repeatable and checkpointed RNG states resume them exactly). The backward
+regenerates the mask from the seed; for `relu=True` it needs only the output (out > 0 exactly where the input was
+positive and kept). Results do not depend on the thread count.
 
 CPU tensors of float32, float64 and bfloat16 (what CPU autocast produces; computed in float32, rounded once) run
 natively. CUDA tensors, and float16 on the CPU, go through torch's own `F.dropout` (one fused kernel on CUDA).
