@@ -4,11 +4,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "elem.h"
 #include "parallel.h"
 
 namespace detrcore {
 namespace {
-constexpr int64_t kElementwiseGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
 // The pairwise backward splits each image's N rows into at most this many fixed chunks, each with its own
 // grad_b partial sum, reduced in chunk order: deterministic whatever the thread count, no atomics.
 constexpr int64_t kMaxRowChunks = 8;

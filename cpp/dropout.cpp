@@ -5,15 +5,6 @@
 namespace detrcore {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-// x86-64-v4 has a vector 64-bit multiply (vpmullq) for the mixer; v3 emulates it with 32-bit multiplies.
-#define DETRCORE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DETRCORE_CPU_CLONES
-#endif
-
 // fn(i, keep) for i in [i0, i1), in order: one SplitMix64 output per pair of elements (see dropout.h).
 template <typename Fn>
 inline __attribute__((always_inline)) void for_each_keep(int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
@@ -32,8 +23,8 @@ inline __attribute__((always_inline)) void for_each_keep(int64_t i0, int64_t i1,
 }
 
 template <typename T, bool kRelu>
-DETRCORE_CPU_CLONES void forward_range(const T* __restrict x, T* __restrict y, int64_t i0, int64_t i1, uint64_t seed,
-                                       uint32_t threshold, typename Elem<T>::C scale) {
+DETRCORE_ELEMENTWISE_CLONES void forward_range(const T* __restrict x, T* __restrict y, int64_t i0, int64_t i1,
+                                               uint64_t seed, uint32_t threshold, typename Elem<T>::C scale) {
   using C = typename Elem<T>::C;
   for_each_keep(i0, i1, seed, threshold, [&](int64_t i, bool keep) {
     C v = Elem<T>::load(x[i]);
@@ -43,8 +34,8 @@ DETRCORE_CPU_CLONES void forward_range(const T* __restrict x, T* __restrict y, i
 }
 
 template <typename T>
-DETRCORE_CPU_CLONES void backward_range(const T* __restrict g, T* __restrict gx, int64_t i0, int64_t i1, uint64_t seed,
-                                        uint32_t threshold, typename Elem<T>::C scale) {
+DETRCORE_ELEMENTWISE_CLONES void backward_range(const T* __restrict g, T* __restrict gx, int64_t i0, int64_t i1,
+                                                uint64_t seed, uint32_t threshold, typename Elem<T>::C scale) {
   using C = typename Elem<T>::C;
   for_each_keep(i0, i1, seed, threshold, [&](int64_t i, bool keep) {
     const C v = Elem<T>::load(g[i]);  // read whether kept or not: branch-free
@@ -53,8 +44,8 @@ DETRCORE_CPU_CLONES void backward_range(const T* __restrict g, T* __restrict gx,
 }
 
 template <typename T>
-DETRCORE_CPU_CLONES void relu_backward_range(const T* __restrict g, const T* __restrict y, T* __restrict gx, int64_t i0,
-                                             int64_t i1, typename Elem<T>::C scale) {
+DETRCORE_ELEMENTWISE_CLONES void relu_backward_range(const T* __restrict g, const T* __restrict y, T* __restrict gx,
+                                                     int64_t i0, int64_t i1, typename Elem<T>::C scale) {
   using C = typename Elem<T>::C;
   for (int64_t i = i0; i < i1; ++i) {
     gx[i] = Elem<T>::store(Elem<T>::load(y[i]) > C(0) ? Elem<T>::load(g[i]) * scale : C(0));
@@ -66,7 +57,7 @@ DETRCORE_CPU_CLONES void relu_backward_range(const T* __restrict g, const T* __r
 template <typename T>
 void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, double scale, bool relu,
                  int num_threads) {
-  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
+  parallel_for(n, kElementwiseGrain, num_threads, [&](int64_t i0, int64_t i1) {
     if (relu) {
       forward_range<T, true>(x, y, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
     } else {
@@ -78,14 +69,14 @@ void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold,
 template <typename T>
 void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, double scale,
                      int num_threads) {
-  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
+  parallel_for(n, kElementwiseGrain, num_threads, [&](int64_t i0, int64_t i1) {
     backward_range<T>(grad, grad_x, i0, i1, seed, threshold, static_cast<typename Elem<T>::C>(scale));
   });
 }
 
 template <typename T>
 void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads) {
-  parallel_for(n, kGrain, num_threads, [&](int64_t i0, int64_t i1) {
+  parallel_for(n, kElementwiseGrain, num_threads, [&](int64_t i0, int64_t i1) {
     relu_backward_range<T>(grad, y, grad_x, i0, i1, static_cast<typename Elem<T>::C>(scale));
   });
 }

@@ -1,10 +1,20 @@
-// Element access in a kernel's compute type: float for bfloat16 (round to nearest even on the way back, NaN kept
-// quiet, as torch rounds), the type itself otherwise.
+// Shared by the CPU elementwise kernels (dropout, frozen batch norm, box ops): element access in a kernel's compute
+// type (float for bfloat16, rounded to nearest even on the way back, NaN kept quiet, as torch rounds; the type
+// itself otherwise), the per-thread grain and the ISA clones.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// x86-64-v4 has a vector 64-bit multiply (vpmullq, for dropout's mixer); v3 emulates it with 32-bit multiplies.
+#define DETRCORE_ELEMENTWISE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DETRCORE_ELEMENTWISE_CLONES
+#endif
+
 namespace detrcore {
+
+constexpr int64_t kElementwiseGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
 
 struct BFloat16 {
   uint16_t bits;

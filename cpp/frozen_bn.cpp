@@ -7,20 +7,12 @@
 namespace detrcore {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per thread: smaller work is not worth a wake-up
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define DETRCORE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DETRCORE_CPU_CLONES
-#endif
-
 // Planes [p0, p1) of the N * C planes of HW elements.
 template <typename T, bool kRelu, bool kResidual>
-DETRCORE_CPU_CLONES void forward_planes(const T* __restrict x, const T* __restrict r,
-                                        const typename Elem<T>::C* __restrict scale,
-                                        const typename Elem<T>::C* __restrict shift, T* __restrict y, int64_t p0,
-                                        int64_t p1, int64_t C, int64_t HW) {
+DETRCORE_ELEMENTWISE_CLONES void forward_planes(const T* __restrict x, const T* __restrict r,
+                                                const typename Elem<T>::C* __restrict scale,
+                                                const typename Elem<T>::C* __restrict shift, T* __restrict y,
+                                                int64_t p0, int64_t p1, int64_t C, int64_t HW) {
   using S = typename Elem<T>::C;
   for (int64_t p = p0; p < p1; ++p) {
     const S a = scale[p % C], b = shift[p % C];
@@ -35,9 +27,9 @@ DETRCORE_CPU_CLONES void forward_planes(const T* __restrict x, const T* __restri
 }
 
 template <typename T, bool kRelu, bool kResidual>
-DETRCORE_CPU_CLONES void backward_planes(const T* __restrict g, const T* __restrict y,
-                                         const typename Elem<T>::C* __restrict scale, T* __restrict gx,
-                                         T* __restrict gr, int64_t p0, int64_t p1, int64_t C, int64_t HW) {
+DETRCORE_ELEMENTWISE_CLONES void backward_planes(const T* __restrict g, const T* __restrict y,
+                                                 const typename Elem<T>::C* __restrict scale, T* __restrict gx,
+                                                 T* __restrict gr, int64_t p0, int64_t p1, int64_t C, int64_t HW) {
   using S = typename Elem<T>::C;
   for (int64_t p = p0; p < p1; ++p) {
     const S a = scale[p % C];
@@ -54,7 +46,7 @@ DETRCORE_CPU_CLONES void backward_planes(const T* __restrict g, const T* __restr
 // fn(p0, p1, relu, residual) over chunks of the N * C planes, with relu / residual as compile-time constants.
 template <typename Fn>
 void by_plane(int64_t N, int64_t C, int64_t HW, bool relu, bool residual, int num_threads, Fn&& fn) {
-  const int64_t grain = HW >= kGrain ? 1 : kGrain / HW;
+  const int64_t grain = HW >= kElementwiseGrain ? 1 : kElementwiseGrain / HW;
   parallel_for(N * C, grain, num_threads, [&](int64_t p0, int64_t p1) {
     if (relu && residual) {
       fn(p0, p1, std::true_type{}, std::true_type{});
