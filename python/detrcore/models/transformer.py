@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, Linear, MultiheadAttention
+from detrcore.nn import Dropout, Linear, MultiheadAttention, linear
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -23,7 +23,15 @@ def with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
 
 
 class MLP(nn.Module):
-    """`num_layers` linear layers with ReLU between them (DETR's box head)."""
+    """`num_layers` linear layers with ReLU between them (DETR's box head).
+
+    In training on the CPU its backward runs over the rows whose output gradient is nonzero only (`_RowSparseMLP`):
+    a box head's outputs reach the loss only at the queries matched to a target (L1 and GIoU terms), and its
+    refined boxes are detached, so of Deformable DETR's 6 x 2 x 300 decoder rows (and a two-stage model's encoder
+    rows, one per position) a handful get a gradient; the dense backward would run its products over all of them.
+    Same gradients (the few rows' activations are recomputed); a double backward recomputes every row. Elsewhere
+    (CUDA, where finding the rows would synchronise with the device; torch.compile; no gradient) the plain layers.
+    """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
@@ -31,9 +39,59 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: Tensor) -> Tensor:
+        params = [t for layer in self.layers for t in (layer.weight, layer.bias)]
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and (x.requires_grad or any(t is not None and t.requires_grad for t in params))):
+            return _RowSparseMLP.apply(self, x, *params)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor, params: list[Tensor | None] | None = None) -> Tensor:
+        """The layers, with `params` (weight, bias per layer) in place of the modules' own when given."""
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+            w, b = (layer.weight, layer.bias) if params is None else params[2 * i : 2 * i + 2]
+            x = linear(x, w, b)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
         return x
+
+
+class _RowSparseMLP(torch.autograd.Function):
+    """MLP forward without saved activations; backward over the rows whose output gradient has a nonzero (or NaN)
+    element, their activations recomputed from the saved input. Rows with an all-zero output gradient contribute
+    exactly zero to every gradient, so the results are the dense backward's up to float summation order (and but
+    for the NaN that 0 x inf would spread from a skipped row's non-finite activations)."""
+
+    @staticmethod
+    def forward(ctx, mlp: MLP, x: Tensor, *params: Tensor | None) -> Tensor:
+        ctx.mlp = mlp
+        ctx.save_for_backward(x, *params)
+        return mlp._forward(x, list(params))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, *params = ctx.saved_tensors
+        wants = ctx.needs_input_grad[1:]  # x, then the parameters
+        rows = None
+        if torch.is_grad_enabled():  # create_graph=True: every row, differentiable through the saved tensors
+            leaves, g = [x, *params], grad
+        else:
+            x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            rows = g2.ne(0).any(1).nonzero().squeeze(1)  # NaN != 0: a NaN gradient propagates
+            leaves = [x2.index_select(0, rows)] + [None if p is None else p.detach() for p in params]
+            leaves = [None if t is None else t.requires_grad_(w) for t, w in zip(leaves, wants)]
+            g = g2.index_select(0, rows)
+        with torch.enable_grad():
+            out = ctx.mlp._forward(leaves[0], leaves[1:])
+        need = [t is not None and w for t, w in zip(leaves, wants)]
+        got = iter(torch.autograd.grad(out, [t for t, n in zip(leaves, need) if n], g, create_graph=rows is None,
+                                       allow_unused=True))
+        grads = []
+        for t, n in zip(leaves, need):
+            gt = next(got) if n else None
+            grads.append(torch.zeros_like(t) if n and gt is None else gt)
+        if rows is not None and grads[0] is not None:
+            grads[0] = x2.new_zeros(x2.shape).index_copy_(0, rows, grads[0]).view(x.shape)
+        return (None, *grads)
 
 
 class EncoderLayer(nn.Module):
