@@ -253,11 +253,20 @@ def test_encoder_skips_padding_with_the_same_results(name, monkeypatch):
     forward = dt.DeformableEncoderLayer.forward
     monkeypatch.setattr(dt.DeformableEncoderLayer, "forward", lambda self, src, *a: shapes.append(src.shape) or
                         forward(self, src, *a))
+    heads = []  # two-stage: the rows the encoder-output heads see
+    for m in (packed, full):
+        if cfg.two_stage:
+            m.transformer.enc_output.register_forward_hook(lambda mod, args, out: heads.append(args[0].shape))
     outs = [m(images, mask) for m in (packed, full)]
     (n, c), (b, s, c2) = shapes[0], shapes[cfg.enc_layers]  # packed [N, C]; every position [B, S, C]
     assert b * s * 0.6 < n < b * s and c == c2  # image 1 is ~45 % padding
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-5)
+        if cfg.two_stage:  # every position's scores and boxes, padding included (its constant row, inf boxes)
+            torch.testing.assert_close(outs[0]["enc_outputs"][key], outs[1]["enc_outputs"][key], rtol=1e-5,
+                                       atol=1e-5)
+    if cfg.two_stage:  # packed: the kept positions plus one zero row; full: [B, S]
+        assert heads[0][0] <= n + 1 and tuple(heads[1][:2]) == (b, s)
     crit = SetCriterion(cfg.num_classes, HungarianMatcher(focal=True, cost_class=2.0), LossWeights(loss_ce=2.0),
                         focal=True)
     for m, out in zip((packed, full), outs):

@@ -47,18 +47,17 @@ def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
 
-def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]):
+def proposal_boxes(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
     """Two-stage proposals: one box per encoder position (its cell centre, size 0.05 * 2^level), in
-    inverse-sigmoid space. Padded or near-border positions get +inf coordinates and zero memory.
-
-    Returns (memory with those positions zeroed [B, S, C], proposals [B, S, 4])."""
-    B = memory.shape[0]
+    inverse-sigmoid space. Returns (proposals [B, S, 4], +inf at padded or near-border positions; keep [B, S],
+    False at those positions)."""
+    B = padding_mask.shape[0]
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         m = padding_mask[:, start : start + h * w].view(B, h, w)
         valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
+        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=m.device),
+                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=m.device), indexing="ij")
         grid = torch.stack([xs, ys], -1)  # [h, w, 2]
         scale = torch.stack([valid_w, valid_h], 1).view(B, 1, 1, 2)
         grid = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale
@@ -66,11 +65,8 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list
         proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
         start += h * w
     proposals = torch.cat(proposals, 1)  # [B, S, 4]
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-    proposals = torch.log(proposals / (1 - proposals))
-    proposals = proposals.masked_fill(padding_mask[..., None], float("inf")).masked_fill(~valid, float("inf"))
-    memory = memory.masked_fill(padding_mask[..., None], 0.0).masked_fill(~valid, 0.0)
-    return memory, proposals
+    keep = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~padding_mask
+    return torch.log(proposals / (1 - proposals)).masked_fill(~keep[..., None], float("inf")), keep
 
 
 def refine_boxes(delta: Tensor, reference: Tensor, box_reparam: bool) -> Tensor:
@@ -200,9 +196,8 @@ class DeformableTransformer(nn.Module):
         B, C = src.shape[0], src.shape[2]
         out = {}
         if self.two_stage:
-            full = memory if packing is None else packing.unpack(memory)
-            tgt, query_pos, reference = self._select_proposals(full, mask, spatial_shapes, bbox_embed, class_embed,
-                                                               out)
+            tgt, query_pos, reference = self._select_proposals(memory, mask, spatial_shapes, bbox_embed, class_embed,
+                                                               out, packing)
         else:
             query_pos, tgt = torch.split(query_embed, C, dim=1)
             query_pos, tgt = query_pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
@@ -225,13 +220,29 @@ class DeformableTransformer(nn.Module):
             out["box_deltas"] = deltas
         return out
 
-    def _select_proposals(self, memory, mask, spatial_shapes, bbox_embed, class_embed, out):
-        """Two-stage: score every encoder position, keep the top-k as the decoder's reference boxes and queries."""
-        output_memory, proposals = encoder_proposals(memory, mask, spatial_shapes)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+    def _select_proposals(self, memory, mask, spatial_shapes, bbox_embed, class_embed, out, packing=None):
+        """Two-stage: score every encoder position, keep the top-k as the decoder's reference boxes and queries.
+        memory: [B, S, C], or the packed [N, C] of `packing`."""
+        proposals, keep = proposal_boxes(mask, spatial_shapes)
         n = len(self.decoder.layers)
-        enc_logits = class_embed[n](output_memory)
-        enc_boxes_unact = bbox_embed[n](output_memory) + proposals
+        if packing is None:
+            output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep[..., None], 0.0)))
+            enc_logits, enc_deltas = class_embed[n](output_memory), bbox_embed[n](output_memory)
+        else:
+            # The heads on the kept positions only: every other one (padding, or too near the border) has zeroed
+            # memory, so its outputs are those of a zero row, computed once and broadcast (its gradient is their
+            # sum). The same values as over [B, S]; a padded batch skips the heads' work on its padding.
+            B, S = mask.shape
+            rows = packing.pack(keep).nonzero().squeeze(1)  # kept rows of the packed memory, in [B * S] order
+            heads_in = torch.cat([memory.index_select(0, rows), memory.new_zeros(1, memory.shape[1])])
+            output_memory = self.enc_output_norm(self.enc_output(heads_in))
+            at = keep.flatten().nonzero().squeeze(1)  # their positions in [B * S]
+
+            def spread(y):  # [R + 1, k] -> [B, S, k]: the zero row's outputs everywhere, the kept rows' at theirs
+                return y[-1:].expand(B * S, -1).index_copy(0, at, y[:-1]).view(B, S, -1)
+
+            enc_logits, enc_deltas = spread(class_embed[n](output_memory)), spread(bbox_embed[n](output_memory))
+        enc_boxes_unact = enc_deltas + proposals
         topk = torch.topk(enc_logits[..., 0], self.num_proposals, dim=1)[1]  # ranked by the class-0 logit
         coords = torch.gather(enc_boxes_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
         reference = coords.sigmoid()
