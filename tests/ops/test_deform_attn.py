@@ -446,3 +446,66 @@ def test_cpu_op_runs_in_a_child_forked_after_openmp_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def _packed_inputs(counts, dtype, D=5, seed=0):
+    """value [B, S, H, D] and packed locations / weights [N, ...] with image b's queries the next counts[b] rows."""
+    value, ss, ls, loc, aw = make_inputs(B=len(counts), D=D, Q=max(counts), dtype=dtype, seed=seed)
+    loc = torch.cat([loc[b, :n] for b, n in enumerate(counts)])
+    aw = torch.cat([aw[b, :n] for b, n in enumerate(counts)])
+    return value, ss, ls, loc, aw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("counts", [[7, 3], [1, 5, 2], [4, 0, 6], [0, 3], [5]])
+@pytest.mark.parametrize("D", [5, 32])  # scalar and AVX2 kernels
+def test_packed_equals_per_image_calls_values_and_gradients(dtype, counts, D):
+    """In place per image: the same output and gradients (value, locations, weights) as calling the op per image
+    and concatenating, bit for bit (the same kernels on the same rows); an image with no queries gets zeros."""
+    value, ss, ls, loc, aw = _packed_inputs(counts, dtype, D=D)
+    grad = torch.randn(loc.shape[0], value.shape[2] * D, dtype=dtype)
+    results = []
+    for packed in (True, False):
+        v, lc, w = (t.clone().requires_grad_() for t in (value, loc, aw))
+        if packed:
+            out = ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts)
+        else:
+            out = torch.cat([ops.ms_deform_attn(v[b : b + 1], ss, ls, part_l[None], part_w[None])[0]
+                             for b, (part_l, part_w) in enumerate(zip(lc.split(counts), w.split(counts)))])
+        out.backward(grad)
+        results.append((out.detach(), v.grad, lc.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # no autograd node: the same values
+        torch.testing.assert_close(ops.ms_deform_attn_packed(value, ss, ls, loc, aw, counts), results[1][0], rtol=0,
+                                   atol=0)
+    for b, n in enumerate(counts):
+        if n == 0:
+            assert results[0][1][b].abs().sum() == 0
+
+
+def test_packed_gradcheck_and_fallbacks():
+    counts = [3, 2]
+    value, ss, ls, loc, aw = _packed_inputs(counts, torch.float64, D=3)
+    inputs = tuple(t.clone().requires_grad_() for t in (value, loc, aw))
+    assert torch.autograd.gradcheck(lambda v, lc, w: ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts), inputs)
+    # half precision takes the per-image calls (computed in float32); so does torch.compile
+    out = ops.ms_deform_attn_packed(value.bfloat16(), ss, ls, loc.float(), aw.float(), counts)
+    want = ops.ms_deform_attn_packed(value.bfloat16().float(), ss, ls, loc.float(), aw.float(), counts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+    compiled = torch.compile(lambda v, lc, w: ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts), fullgraph=True)
+    torch.testing.assert_close(compiled(value.float(), loc.float(), aw.float()),
+                               ops.ms_deform_attn_packed(value.float(), ss, ls, loc.float(), aw.float(), counts))
+
+
+def test_packed_bad_counts_are_named():
+    value, ss, ls, loc, aw = _packed_inputs([3, 2], torch.float32)
+    with pytest.raises(ValueError, match="counts"):
+        ops.ms_deform_attn_packed(value, ss, ls, loc, aw, [3])
+    with pytest.raises(ValueError, match="sum\\(counts\\)"):
+        ops.ms_deform_attn_packed(value, ss, ls, loc, aw, [3, 3])
+    with pytest.raises(ValueError, match="counts"):
+        ops.ms_deform_attn_packed(value, ss, ls, loc, aw, [6, -1])
+    with pytest.raises(ValueError, match="sampling_locations"):
+        ops.ms_deform_attn_packed(value, ss, ls, loc[..., :1], aw, [3, 2])

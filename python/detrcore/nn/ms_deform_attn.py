@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.ops import ms_deform_attn
+from detrcore.ops import ms_deform_attn, ms_deform_attn_packed
 
 from .onednn_linear import Linear, linear
 
@@ -127,11 +127,9 @@ class MSDeformAttn(nn.Module):
                                  f"N={packing.num_valid if packing else '?'} rows, got shapes "
                                  f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
             locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
-            # Image b's queries are the next counts[b] rows; each samples its own image's value. (split, not
-            # slicing: the backward of a slice would write each image's gradient into a zeroed full-size tensor.)
-            out = torch.cat([ms_deform_attn(v, input_spatial_shapes, input_level_start_index, loc, w)
-                             for v, loc, w in zip(value.split(1), locations.split(packing.counts, 1),
-                                                  weights.split(packing.counts, 1))], 1)
+            # Image b's queries are the next counts[b] rows; each samples its own image's value.
+            out = ms_deform_attn_packed(value, input_spatial_shapes, input_level_start_index, locations[0],
+                                        weights[0], packing.counts)
             return self.output_proj(out.view(query.shape))
         locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
         return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,

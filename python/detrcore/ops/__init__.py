@@ -4,7 +4,7 @@ Importing this package needs only torch and numpy.
 """
 from ._lib import build_info, cuda_available
 from .assignment import batched_linear_sum_assignment, linear_sum_assignment
-from .deform_attn import ms_deform_attn
+from .deform_attn import ms_deform_attn, ms_deform_attn_packed
 from .fused_dropout import dropout
 from .boxes import (
     box_cxcywh_to_xyxy,
@@ -27,5 +27,6 @@ __all__ = [
     "dropout",
     "linear_sum_assignment",
     "ms_deform_attn",
+    "ms_deform_attn_packed",
     "batched_linear_sum_assignment",
 ]
