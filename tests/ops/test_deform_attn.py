@@ -484,16 +484,22 @@ def test_packed_equals_per_image_calls_values_and_gradients(dtype, counts, D):
             assert results[0][1][b].abs().sum() == 0
 
 
-def test_packed_gradcheck_and_fallbacks():
+def test_packed_gradcheck_and_half_precision():
     counts = [3, 2]
     value, ss, ls, loc, aw = _packed_inputs(counts, torch.float64, D=3)
     inputs = tuple(t.clone().requires_grad_() for t in (value, loc, aw))
     assert torch.autograd.gradcheck(lambda v, lc, w: ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts), inputs)
-    # half precision takes the per-image calls (computed in float32); so does torch.compile
+    # half precision takes the per-image calls (computed in float32)
     out = ops.ms_deform_attn_packed(value.bfloat16(), ss, ls, loc.float(), aw.float(), counts)
     want = ops.ms_deform_attn_packed(value.bfloat16().float(), ss, ls, loc.float(), aw.float(), counts)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_packed_under_torch_compile():
+    """torch.compile traces the per-image custom-op calls: the eager path's values."""
+    counts = [3, 2]
+    value, ss, ls, loc, aw = _packed_inputs(counts, torch.float64, D=3)
     compiled = torch.compile(lambda v, lc, w: ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts), fullgraph=True)
     torch.testing.assert_close(compiled(value.float(), loc.float(), aw.float()),
                                ops.ms_deform_attn_packed(value.float(), ss, ls, loc.float(), aw.float(), counts))
