@@ -156,3 +156,23 @@ def test_models_train_with_the_dense_heads_gradients(variant, monkeypatch):
     assert sparse.keys() == dense.keys() and any(".layers.0." in n for n in sparse)
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_row_sparse_backward_outside_autocast_recomputes_in_the_forwards_precision():
+    """The forward under bf16 autocast, the backward outside it (as detrcore's training loop does): the rows are
+    recomputed in bf16 as the forward ran, so the gradients are the dense backward's."""
+    mlp = _mlp()
+    x = torch.randn(30, 24, requires_grad=True)
+    grad = torch.zeros(30, 4, dtype=torch.bfloat16)
+    grad[[2, 11, 29]] = torch.randn(3, 4).bfloat16()
+    results = []
+    for dense in (False, True):
+        xi = x.detach().clone().requires_grad_()
+        mlp.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp._forward(xi) if dense else mlp(xi)
+        assert out.dtype == torch.bfloat16
+        out.backward(grad)
+        results.append([xi.grad] + [p.grad.clone() for p in mlp.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)

@@ -507,6 +507,8 @@ def test_packed_under_torch_compile():
 
 def test_packed_bad_counts_are_named():
     value, ss, ls, loc, aw = _packed_inputs([3, 2], torch.float32)
+    empty = ops.ms_deform_attn_packed(value[:0], ss, ls, loc[:0], aw[:0], [])  # no images: [0, H*D]
+    assert empty.shape == (0, value.shape[2] * value.shape[3])
     with pytest.raises(ValueError, match="counts"):
         ops.ms_deform_attn_packed(value, ss, ls, loc, aw, [3])
     with pytest.raises(ValueError, match="sum\\(counts\\)"):

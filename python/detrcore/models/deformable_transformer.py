@@ -225,8 +225,9 @@ class DeformableTransformer(nn.Module):
         memory: [B, S, C], or the packed [N, C] of `packing`."""
         proposals, keep = proposal_boxes(mask, spatial_shapes)
         n = len(self.decoder.layers)
-        if packing is None:
-            output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep[..., None], 0.0)))
+        if packing is None or memory.device.type != "cpu":  # (on a GPU the row lists below would synchronise)
+            full = memory if packing is None else packing.unpack(memory)
+            output_memory = self.enc_output_norm(self.enc_output(full.masked_fill(~keep[..., None], 0.0)))
             enc_logits, enc_deltas = class_embed[n](output_memory), bbox_embed[n](output_memory)
         else:
             # The heads on the kept positions only: every other one (padding, or too near the border) has zeroed

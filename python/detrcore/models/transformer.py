@@ -57,13 +57,16 @@ class MLP(nn.Module):
 
 class _RowSparseMLP(torch.autograd.Function):
     """MLP forward without saved activations; backward over the rows whose output gradient has a nonzero (or NaN)
-    element, their activations recomputed from the saved input. Rows with an all-zero output gradient contribute
-    exactly zero to every gradient, so the results are the dense backward's up to float summation order (and but
-    for the NaN that 0 x inf would spread from a skipped row's non-finite activations)."""
+    element, their activations recomputed from the saved input under the forward's CPU autocast state (a backward
+    called outside the autocast block recomputes in the forward's precision, as torch.utils.checkpoint does). Rows
+    with an all-zero output gradient contribute exactly zero to every gradient, so the results are the dense
+    backward's up to float summation order (one difference: a skipped row's non-finite activations cannot spread
+    NaN through 0 x inf)."""
 
     @staticmethod
     def forward(ctx, mlp: MLP, x: Tensor, *params: Tensor | None) -> Tensor:
         ctx.mlp = mlp
+        ctx.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
         ctx.save_for_backward(x, *params)
         return mlp._forward(x, list(params))
 
@@ -80,7 +83,7 @@ class _RowSparseMLP(torch.autograd.Function):
             leaves = [x2.index_select(0, rows)] + [None if p is None else p.detach() for p in params]
             leaves = [None if t is None else t.requires_grad_(w) for t, w in zip(leaves, wants)]
             g = g2.index_select(0, rows)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast("cpu", enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
             out = ctx.mlp._forward(leaves[0], leaves[1:])
         need = [t is not None and w for t, w in zip(leaves, wants)]
         got = iter(torch.autograd.grad(out, [t for t, n in zip(leaves, need) if n], g, create_graph=rows is None,

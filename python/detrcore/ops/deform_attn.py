@@ -244,6 +244,9 @@ def ms_deform_attn_packed(value: Tensor, spatial_shapes: Tensor, level_start_ind
     if loc.dim() != 5 or aw.dim() != 4 or loc.shape[0] != sum(counts):
         raise ValueError(f"sampling_locations [N, H, L, P, 2] and attention_weights [N, H, L, P] with "
                          f"N = sum(counts) = {sum(counts)}, got shapes {tuple(loc.shape)} and {tuple(aw.shape)}")
+    if not counts:  # no images, no queries
+        return ms_deform_attn(value, spatial_shapes, level_start_index, loc[None][:0], aw[None][:0]).reshape(
+            0, value.shape[2] * value.shape[3])
     _check(value[:1], spatial_shapes, level_start_index, loc[None], aw[None])
     if (value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64) and loc.dtype == value.dtype
             and aw.dtype == value.dtype and spatial_shapes.device.type == "cpu"
