@@ -118,6 +118,16 @@ def test_row_sparse_mlp_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+def test_row_sparse_mlp_under_torch_func_takes_the_plain_layers():
+    mlp = _mlp()
+    x = torch.randn(10, 24)
+    weights = torch.zeros(10, 4)
+    weights[3] = 1
+    got = torch.func.grad(lambda x: (mlp(x) * weights).sum())(x)
+    _, want, _ = _grads(mlp, x.requires_grad_(), weights, dense=True)
+    torch.testing.assert_close(got, want)
+
+
 def test_row_sparse_mlp_under_torch_compile():
     mlp = _mlp()
     x = torch.randn(10, 24, requires_grad=True)

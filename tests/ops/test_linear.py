@@ -127,6 +127,16 @@ def test_module_names_and_state_dict_match_nn_linear():
     close(ours(x), F.linear(x.double(), theirs.weight.double(), theirs.bias.double()), 12)
 
 
+def test_torch_func_transforms_take_f_linear():
+    """Under torch.func (grad, vmap) the layer is F.linear (its autograd.Function has no functorch rules)."""
+    w, b = torch.randn(8, 5), torch.randn(8)
+    x = torch.randn(3, 5)
+    got = torch.func.grad(lambda x: linear(x, w, b).square().sum())(x)
+    torch.testing.assert_close(got, 2 * F.linear(x, w, b) @ w)
+    batched = torch.func.vmap(lambda row: linear(row[None], w, b)[0])(x)
+    torch.testing.assert_close(batched, F.linear(x, w, b))
+
+
 def test_torch_compile_fullgraph():
     lin = Linear(16, 32)
 

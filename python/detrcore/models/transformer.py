@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrcore.nn import Dropout, Linear, MultiheadAttention, linear
+from detrcore.ops._lib import eager_fast_path
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -30,7 +31,8 @@ class MLP(nn.Module):
     refined boxes are detached, so of Deformable DETR's 6 x 2 x 300 decoder rows (and a two-stage model's encoder
     rows, one per position) a handful get a gradient; the dense backward would run its products over all of them.
     Same gradients (the few rows' activations are recomputed); a double backward recomputes every row. Elsewhere
-    (CUDA, where finding the rows would synchronise with the device; torch.compile; no gradient) the plain layers.
+    (CUDA, where finding the rows would synchronise with the device; torch.compile, tracing, torch.func transforms,
+    tensor subclasses; no gradient) the plain layers.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
@@ -40,8 +42,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         params = [t for layer in self.layers for t in (layer.weight, layer.bias)]
-        if (torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and (x.requires_grad or any(t is not None and t.requires_grad for t in params))):
+        if (torch.is_grad_enabled() and x.device.type == "cpu"
+                and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
+                and eager_fast_path(x)):  # not compiled, traced, under a torch.func transform or dispatch mode
             return _RowSparseMLP.apply(self, x, *params)
         return self._forward(x)
 

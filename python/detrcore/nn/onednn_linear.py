@@ -7,8 +7,8 @@ gradient go through oneDNN; the weight gradient (a product with the long axis as
 `mm`, which oneDNN did not beat there. Measured gain in a whole Deformable DETR training step: see the README.
 
 Same parameters, names and results as nn.Linear (checkpoints load unchanged; results equal up to float32 summation
-order). Everything else — other dtypes, autocast, CUDA, 1-D inputs, torch.compile, a torch without the oneDNN op,
-or DETRCORE_ONEDNN_LINEAR=0 in the environment — is `F.linear`.
+order). Everything else — other dtypes, autocast, CUDA, 1-D inputs, torch.compile, torch.func transforms, a torch
+without the oneDNN op, or DETRCORE_ONEDNN_LINEAR=0 in the environment — is `F.linear`.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from detrcore.ops._lib import eager_fast_path
 
 
 def _onednn_linear_op():
@@ -51,7 +53,7 @@ def onednn_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() > 0
             and weight.shape[0] > 0 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and eager_fast_path(x))  # not compiled, traced, under a torch.func transform or a dispatch mode
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
