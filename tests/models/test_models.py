@@ -419,3 +419,13 @@ def test_frozen_batchnorm_under_torch_compile_and_off_the_native_path():
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             torch.testing.assert_close(got, want)
+
+
+def test_frozen_batchnorm_under_torch_func():
+    """torch.func transforms take torch's ops (the native path's autograd.Function has no functorch rules)."""
+    bn = _frozen_bn()
+    x, r = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
+    got = torch.func.grad(lambda x: bn(x, r, relu=True).square().sum())(x)
+    xg = x.clone().requires_grad_()
+    bn(xg, r, relu=True).square().sum().backward()
+    torch.testing.assert_close(got, xg.grad)

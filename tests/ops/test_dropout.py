@@ -169,6 +169,16 @@ def test_eager_path_is_the_custom_op(relu, dtype):
     assert torch.equal(gx_graph, gx)
 
 
+def test_torch_func_grad_takes_torchs_dropout():
+    """torch.func transforms take torch's dropout (neither our autograd.Function nor the custom op's has functorch
+    rules): a gradient of 0 or 1 / (1 - p) per element."""
+    x = torch.randn(64, 33)
+    got = torch.func.grad(lambda x: ops.dropout(x, 0.3).sum())(x)
+    kept = got != 0
+    torch.testing.assert_close(got[kept], torch.full_like(got[kept], 1 / 0.7))
+    assert 0.5 < kept.float().mean() < 0.9
+
+
 def test_torch_compile_fullgraph():
     lin = torch.nn.Linear(16, 32)
 

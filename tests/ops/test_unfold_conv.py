@@ -107,6 +107,14 @@ def test_double_backward_matches_torch():
     torch.testing.assert_close(h1, h2, rtol=1e-3, atol=1e-2)
 
 
+def test_torch_func_takes_torchs_convolution():
+    conv, x = make(CASES[1])
+    got = torch.func.grad(lambda x: conv(x).square().sum())(x)
+    xg = x.clone().requires_grad_()
+    conv(xg).square().sum().backward()
+    torch.testing.assert_close(got, xg.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_compile_and_state_dict_names():
     conv, x = make(CASES[0])
     assert list(conv.state_dict()) == ["weight", "bias"]

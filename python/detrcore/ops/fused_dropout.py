@@ -87,7 +87,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
     """`F.dropout(input, p, training)`, or `F.dropout(F.relu(input), p, training)` with `relu=True`.
 
     Kept elements are scaled by 1 / (1 - p). On the CPU in float32/float64/bfloat16 the native kernel runs (seeded
-    from `generator`, torch's default CPU generator if None); elsewhere torch's dropout.
+    from `generator`, torch's default CPU generator if None); elsewhere (and under torch.func transforms) torch's
+    dropout.
     """
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be a number in [0, 1], got {p!r}")
@@ -95,7 +96,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
         raise TypeError(f"dropout: input must be a torch.Tensor, got {type(input).__name__}")
     if not training or p == 0.0:
         return F.relu(input) if relu else input
-    if p == 1.0 or input.device.type != "cpu" or input.dtype not in _NATIVE_DTYPES:
+    if (p == 1.0 or input.device.type != "cpu" or input.dtype not in _NATIVE_DTYPES
+            or (not torch.compiler.is_compiling()  # torch.func (neither Function has functorch rules)
+                and torch._C._functorch.peek_interpreter_stack() is not None)):
         return F.dropout(F.relu(input) if relu else input, p, True)
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator)
     if torch.compiler.is_compiling():
