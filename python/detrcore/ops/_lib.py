@@ -47,6 +47,13 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+def under_torch_func() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev, ...) in eager mode. The native ops' autograd (plain
+    autograd.Functions and torch.library's) has no functorch rules, so there the ops compute their pure-PyTorch
+    twins (`detrcore.ops.reference`): the same function, differentiable and batchable by torch.func, slow."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def eager_fast_path(*tensors: torch.Tensor) -> bool:
     """True when an op may call its native kernels through a plain autograd.Function instead of its torch custom op:
     plain tensors (no FakeTensor or other subclass), no torch.compile / torch.export / torch.jit tracing, no dispatch

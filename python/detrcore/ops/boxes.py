@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _lib
+from . import _lib, reference
 from ._lib import _C
 
 __all__ = [
@@ -238,6 +238,8 @@ def _same_device(a: Tensor, b: Tensor, an: str, bn: str) -> None:
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """(cx, cy, w, h) -> (x0, y0, x1, y1) for boxes `[..., 4]`; negative sizes pass through unchanged."""
     _check_boxes(boxes, "boxes")
+    if _lib.under_torch_func():
+        return reference.box_cxcywh_to_xyxy(boxes)
     dtype, run = _compute_dtype(boxes)
     return _cast(_box_map(_cast(boxes, run), _CXCYWH_TO_XYXY), dtype)
 
@@ -245,6 +247,8 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """(x0, y0, x1, y1) -> (cx, cy, w, h) for boxes `[..., 4]`; inverted boxes give negative sizes."""
     _check_boxes(boxes, "boxes")
+    if _lib.under_torch_func():
+        return reference.box_xyxy_to_cxcywh(boxes)
     dtype, run = _compute_dtype(boxes)
     return _cast(_box_map(_cast(boxes, run), _XYXY_TO_CXCYWH), dtype)
 
@@ -258,6 +262,8 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, giou: bool) -> Tensor:
             "boxes1 and boxes2 must be [N, 4] and [M, 4], or batches [..., N, 4] and [..., M, 4] with the same "
             f"leading dimensions; got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
         )
+    if _lib.under_torch_func():
+        return (reference.generalized_box_iou if giou else reference.box_iou)(boxes1, boxes2)
     dtype, run = _compute_dtype(boxes1, boxes2)
     lead, n, m = boxes1.shape[:-2], boxes1.shape[-2], boxes2.shape[-2]
     if not lead:  # the common case: one image
@@ -292,6 +298,8 @@ def generalized_box_iou_loss(boxes1: Tensor, boxes2: Tensor, reduction: str = "n
         raise ValueError(
             f"boxes1 and boxes2 must have the same shape [..., 4], got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
         )
+    if _lib.under_torch_func():
+        return reference.generalized_box_iou_loss(boxes1, boxes2, reduction)
     dtype, run = _compute_dtype(boxes1, boxes2)
     lead = boxes1.shape[:-1]
     a, b = _cast(boxes1, run).reshape(-1, 4), _cast(boxes2, run).reshape(-1, 4)  # [N, 4]
@@ -309,5 +317,7 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     eps = float(eps)
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    if _lib.under_torch_func():
+        return reference.inverse_sigmoid(x, eps)
     dtype, run = _compute_dtype(x)
     return _cast(_inverse_sigmoid(_cast(x, run), eps), dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _lib
+from . import _lib, reference
 from ._lib import _C
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_packed"]
@@ -122,6 +122,8 @@ class _EagerMsda(torch.autograd.Function):
 
 def _call(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> Tensor:
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _lib.under_torch_func():  # the grid_sample twin (see _lib.under_torch_func)
+        return reference.ms_deform_attn(*args)
     if _lib.eager_fast_path(value, sampling_locations, attention_weights):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
             return _EagerMsda.apply(*args)
