@@ -59,8 +59,7 @@ class FrozenBatchNorm2d(nn.Module):
         return self._affine_cache[1], self._affine_cache[2]
 
     def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
-        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-            # torch.func: plain ops (the autograd.Function below has no functorch rules)
+        if _lib.under_torch_func():  # plain ops (the autograd.Function below has no functorch rules)
             return self._torch_forward(x, residual, relu)
         native = self._native_applies(x, residual)
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrcore.ops._lib import under_torch_func
+
 from . import onednn_linear
 from .onednn_linear import _mm
 
@@ -37,7 +39,7 @@ class Conv2d(nn.Conv2d):
                 or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
                 or isinstance(self.padding, str) or x.shape[1] != self.in_channels
                 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-                or torch._C._functorch.peek_interpreter_stack() is not None):  # torch.func: torch's convolution
+                or under_torch_func()):  # torch.func: torch's convolution
             return False
         kh, kw = self.kernel_size
         ho = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1

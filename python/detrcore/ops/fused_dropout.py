@@ -97,8 +97,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, *, relu: bool 
     if not training or p == 0.0:
         return F.relu(input) if relu else input
     if (p == 1.0 or input.device.type != "cpu" or input.dtype not in _NATIVE_DTYPES
-            or (not torch.compiler.is_compiling()  # torch.func (neither Function has functorch rules)
-                and torch._C._functorch.peek_interpreter_stack() is not None)):
+            or _lib.under_torch_func()):  # (neither autograd.Function has functorch rules)
         return F.dropout(F.relu(input) if relu else input, p, True)
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator)
     if torch.compiler.is_compiling():
