@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "assignment.h"
+#include "attention.h"
 #include "box_ops.h"
 #include "dropout.h"
 #include "frozen_bn.h"
@@ -697,6 +698,113 @@ void ms_deform_attn_backward(py::handle value, py::handle shapes, py::handle sta
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Multi-head attention with dropout on its weights (CPU; float32 / float64). q [B, Lq, E], k and v [B, Lk, E]
+// (E = heads * D) with any batch and row strides and contiguous channels (slices of one projection's output pass as
+// they are); key_padding_mask [B, Lk] uint8 (nonzero = padded) or None; attn [B, H, Lq, Lk] and the other outputs
+// contiguous.
+struct AttnCall {
+  Arg q, k, v;
+  std::optional<Arg> kpm;
+  int64_t B = 0, Lq = 0, Lk = 0, E = 0, H = 0;
+
+  AttnCall(py::handle q_, py::handle k_, py::handle v_, py::handle kpm_, int64_t heads)
+      : q(q_, "query"), k(k_, "key"), v(v_, "value") {
+    for (const View* t : {&q.v, &k.v, &v.v}) {
+      if (t->device != DeviceKind::cpu) throw ValueError("attention: " + arg(*t) + " must be a CPU tensor");
+      check_ndim(*t, 3, "[B, L, heads * D]");
+    }
+    check_float(q.v, false);
+    check_same_dtype(q.v, k.v);
+    check_same_dtype(q.v, v.v);
+    B = q.v.size(0), Lq = q.v.size(1), E = q.v.size(2), Lk = k.v.size(1), H = heads;
+    check_size(k.v, 0, B, "B");
+    check_size(v.v, 0, B, "B");
+    check_size(k.v, 2, E, "E");
+    check_size(v.v, 2, E, "E");
+    check_size(v.v, 1, Lk, "Lk (key length)");
+    if (H < 1 || E % H != 0 || H > std::max<int64_t>(E, 1))
+      throw ValueError("attention: num_heads must divide the embedding size " + std::to_string(E) + ", got " +
+                       std::to_string(H));
+    for (const View* t : {&q.v, &k.v, &v.v})
+      if (E > 1 && t->size(1) > 0 && t->stride(2) != 1)
+        throw ValueError(arg(*t) + " must have contiguous channels (stride 1 in its last dimension)");
+    if (!kpm_.is_none()) {
+      kpm.emplace(kpm_, "key_padding_mask");
+      if (kpm->v.device != DeviceKind::cpu || kpm->v.dtype != DType::u8)
+        throw TypeError("key_padding_mask must be a uint8 CPU tensor (a bool mask viewed as uint8)");
+      check_ndim(kpm->v, 2, "[B, Lk]");
+      check_size(kpm->v, 0, B, "B");
+      check_size(kpm->v, 1, Lk, "Lk");
+      check_contiguous(kpm->v);
+    }
+  }
+
+  template <typename T>
+  AttnArgs<T> args(double scale, int64_t seed, double p) const {
+    if (!(p >= 0.0 && p < 1.0)) throw ValueError("attention: dropout p must be in [0, 1), got " + std::to_string(p));
+    const double t = p * 4294967296.0;  // drop when the 32-bit draw < t (as dropout)
+    AttnArgs<T> a{};
+    a.q = q.v.ptr<T>(), a.q_bs = q.v.stride(0), a.q_rs = q.v.stride(1);
+    a.k = k.v.ptr<T>(), a.k_bs = k.v.stride(0), a.k_rs = k.v.stride(1);
+    a.v = v.v.ptr<T>(), a.v_bs = v.v.stride(0), a.v_rs = v.v.stride(1);
+    a.key_padding_mask = kpm ? kpm->v.ptr<uint8_t>() : nullptr;
+    a.B = B, a.H = H, a.Lq = Lq, a.Lk = Lk, a.D = E / H;
+    a.scale = scale, a.seed = static_cast<uint64_t>(seed);
+    a.threshold = p == 0.0 ? 0u : (t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t + 0.5));
+    a.keep_scale = 1.0 / (1.0 - p);
+    return a;
+  }
+};
+
+void attention_forward(py::handle q, py::handle k, py::handle v, py::handle kpm, int64_t heads, double scale,
+                       int64_t seed, double p, py::handle out_, py::handle attn_, int num_threads) {
+  AttnCall c(q, k, v, kpm, heads);
+  Arg out(out_, "out"), attn(attn_, "attn");
+  check_out(c.q.v, out.v, {c.B, c.Lq, c.E});
+  check_out(c.q.v, attn.v, {c.B, c.H, c.Lq, c.Lk});
+  py::gil_scoped_release nogil;
+  if (c.q.v.dtype == DType::f32) {
+    attention_fwd_cpu<float>(c.args<float>(scale, seed, p), out.v.ptr<float>(), attn.v.ptr<float>(),
+                             threads_arg(num_threads));
+  } else {
+    attention_fwd_cpu<double>(c.args<double>(scale, seed, p), out.v.ptr<double>(), attn.v.ptr<double>(),
+                              threads_arg(num_threads));
+  }
+}
+
+void attention_backward(py::handle q, py::handle k, py::handle v, py::handle kpm, int64_t heads, double scale,
+                        int64_t seed, double p, py::handle grad_out_, py::handle attn_, py::handle gq_,
+                        py::handle gk_, py::handle gv_, int num_threads) {
+  AttnCall c(q, k, v, kpm, heads);
+  Arg grad_out(grad_out_, "grad_output"), attn(attn_, "attn"), gq(gq_, "grad_query"), gk(gk_, "grad_key"),
+      gv(gv_, "grad_value");
+  check_same_dtype(c.q.v, grad_out.v);
+  check_contiguous(grad_out.v);
+  check_ndim(grad_out.v, 3, "[B, Lq, E]");
+  check_size(grad_out.v, 0, c.B, "B");
+  check_size(grad_out.v, 1, c.Lq, "Lq");
+  check_size(grad_out.v, 2, c.E, "E");
+  check_same_dtype(c.q.v, attn.v);
+  check_contiguous(attn.v);
+  check_ndim(attn.v, 4, "[B, H, Lq, Lk]");
+  check_size(attn.v, 0, c.B, "B");
+  check_size(attn.v, 1, c.H, "H");
+  check_size(attn.v, 2, c.Lq, "Lq");
+  check_size(attn.v, 3, c.Lk, "Lk");
+  check_out(c.q.v, gq.v, {c.B, c.Lq, c.E});
+  check_out(c.q.v, gk.v, {c.B, c.Lk, c.E});
+  check_out(c.q.v, gv.v, {c.B, c.Lk, c.E});
+  py::gil_scoped_release nogil;
+  if (c.q.v.dtype == DType::f32) {
+    attention_bwd_cpu<float>(c.args<float>(scale, seed, p), grad_out.v.ptr<float>(), attn.v.ptr<float>(),
+                             gq.v.ptr<float>(), gk.v.ptr<float>(), gv.v.ptr<float>(), threads_arg(num_threads));
+  } else {
+    attention_bwd_cpu<double>(c.args<double>(scale, seed, p), grad_out.v.ptr<double>(), attn.v.ptr<double>(),
+                              gq.v.ptr<double>(), gk.v.ptr<double>(), gv.v.ptr<double>(), threads_arg(num_threads));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Linear sum assignment (CPU). Any strides; float32 or float64 read in place.
 struct LsaInput {
   Arg cost;
@@ -844,6 +952,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), nt, s);
   m.def("dropout", &dropout, py::arg("input"), py::arg("out"), py::arg("seed"), py::arg("p"), py::arg("relu"), nt,
         "CPU dropout (optionally after ReLU) from a counter-based stream: out = keep * scale * input.");
+  m.def("attention_forward", &attention_forward, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("key_padding_mask"), py::arg("num_heads"), py::arg("scale"), py::arg("seed"), py::arg("p"),
+        py::arg("out"), py::arg("attn"), nt,
+        "CPU multi-head attention with dropout on its weights: out [B, Lq, E]; attn [B, H, Lq, Lk] gets the "
+        "softmax (before dropout) for the backward.");
+  m.def("attention_backward", &attention_backward, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("key_padding_mask"), py::arg("num_heads"), py::arg("scale"), py::arg("seed"), py::arg("p"),
+        py::arg("grad_output"), py::arg("attn"), py::arg("grad_query"), py::arg("grad_key"), py::arg("grad_value"),
+        nt, "Gradients of attention_forward (the dropout mask regenerated from `seed`).");
   m.def("frozen_bn", &frozen_bn, py::arg("input"), py::arg("residual"), py::arg("scale"), py::arg("shift"),
         py::arg("out"), py::arg("relu"), nt,
         "Frozen batch norm over [N, C, ...]: out = act(input * scale[c] + shift[c] (+ residual)), act ReLU if relu.");

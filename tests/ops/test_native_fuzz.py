@@ -67,6 +67,30 @@ def test_dropout_entry_points_never_crash(a, b, c, seed, p, relu, same):
 
 
 @SETTINGS
+@given(data=st.data(), heads=st.integers(-1, 5), p=st.sampled_from([0.0, 0.3, 1.0, -0.1, float("nan")]),
+       well_formed=st.booleans())
+def test_attention_entry_points_never_crash(data, heads, p, well_formed):
+    if well_formed:  # valid shapes and dtypes, random sizes (zeros included), strided q
+        B, Lq, Lk, D = (data.draw(st.integers(0, 4)) for _ in range(4))
+        H = max(heads, 1)
+        E = H * D
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+        q = torch.randn(B, Lq, 2 * E, dtype=dtype)[..., :E]
+        k, v = torch.randn(B, Lk, E, dtype=dtype), torch.randn(B, Lk, E, dtype=dtype)
+        mask = data.draw(st.sampled_from([None, torch.rand(B, Lk) < 0.5]))
+        mask = None if mask is None else mask.view(torch.uint8)
+        out, attn = torch.empty(B, Lq, E, dtype=dtype), torch.empty(B, H, Lq, Lk, dtype=dtype)
+        grads = [torch.empty(B, n, E, dtype=dtype) for n in (Lq, Lk, Lk)]
+        g = torch.randn(B, Lq, E, dtype=dtype)
+    else:
+        q, k, v, out, attn, g = (data.draw(tensors(max_dims=4)) for _ in range(6))
+        mask = data.draw(st.sampled_from([None, data.draw(tensors(max_dims=2))]))
+        grads = [data.draw(tensors(max_dims=3)) for _ in range(3)]
+    call(_C.attention_forward, q, k, v, mask, heads, 0.5, 3, p, out, attn)
+    call(_C.attention_backward, q, k, v, mask, heads, 0.5, 3, p, g, attn, *grads)
+
+
+@SETTINGS
 @given(a=tensors(), b=tensors(), c=tensors(), s=tensors(max_dims=2), t=tensors(max_dims=2), relu=st.booleans(),
        residual=st.booleans(), well_formed=st.booleans())
 def test_frozen_bn_entry_points_never_crash(a, b, c, s, t, relu, residual, well_formed):
