@@ -723,8 +723,8 @@ struct AttnCall {
     check_size(v.v, 2, E, "E");
     check_size(v.v, 1, Lk, "Lk (key length)");
     if (H < 1 || E % H != 0 || H > std::max<int64_t>(E, 1))
-      throw ValueError("attention: num_heads must divide the embedding size " + std::to_string(E) + ", got " +
-                       std::to_string(H));
+      throw ValueError("attention: num_heads = " + std::to_string(H) + " must be a positive divisor of the " +
+                       "embedding size E = " + std::to_string(E) + " (E > 0 unless num_heads = 1)");
     for (const View* t : {&q.v, &k.v, &v.v})
       if (E > 1 && t->size(1) > 0 && t->stride(2) != 1)
         throw ValueError(arg(*t) + " must have contiguous channels (stride 1 in its last dimension)");

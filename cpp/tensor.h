@@ -113,8 +113,8 @@ struct View {
     for (int i = 0; i < ndim; ++i) n *= shape[i];
     return n;
   }
-  bool is_contiguous() const {  // compact row-major; size-1 dims may carry any stride
-    if (!strides) return true;
+  bool is_contiguous() const {  // compact row-major; size-1 dims may carry any stride; empty: any strides
+    if (!strides || numel() == 0) return true;
     int64_t expected = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] == 0) return true;

@@ -94,17 +94,22 @@ def test_fully_masked_rows_are_nan_as_in_torch():
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
-@pytest.mark.parametrize("B,Lq,Lk", [(0, 3, 3), (2, 0, 3), (2, 3, 0)])
-def test_empty_shapes(B, Lq, Lk):
-    q, k, v = inputs(B, Lq, Lk, 2, 3, torch.float64, strided=False)
+@pytest.mark.parametrize("B,Lq,Lk,D", [(0, 3, 3, 3), (2, 0, 3, 3), (2, 3, 0, 3), (2, 3, 3, 0)])
+def test_empty_shapes(B, Lq, Lk, D):
+    q, k, v = inputs(B, Lq, Lk, 2, D, torch.float64, strided=False)
+    if D == 0:  # no channels: two heads of nothing are refused (one head of nothing works, below)
+        with pytest.raises(ValueError, match="num_heads = 2 must be a positive divisor of the embedding size E = 0"):
+            A._NativeAttention.apply(q, k, v, None, 2, 0.1, 3)
+        out = A._NativeAttention.apply(q, k, v, None, 1, 0.1, 3)
+        assert out.shape == (B, Lq, 0)
+        return
     out = A._NativeAttention.apply(q, k, v, None, 2, 0.1, 3)
     ref = A._torch_attention(q, k, v, None, 2, 0.1, 3)
-    assert out.shape == ref.shape == (B, Lq, 6)
+    assert out.shape == ref.shape == (B, Lq, 2 * D)
     torch.testing.assert_close(out, ref)
-    if out.numel():
-        grads = torch.autograd.grad(out.sum(), (q, k, v))
-        for got, want in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
-            torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))  # zeros (no queries: every key and value gets none)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -189,7 +194,7 @@ def test_named_errors():
         call(query=q.long(), key=k.long(), value=v.long())
     with pytest.raises(TypeError, match="key must have the dtype of query"):
         call(key=k.double())
-    with pytest.raises(ValueError, match="num_heads must divide the embedding size 4"):
+    with pytest.raises(ValueError, match="num_heads = 3 must be a positive divisor of the embedding size E = 4"):
         call(num_heads=3)
     with pytest.raises(ValueError, match="value: expected Lk"):
         call(value=torch.randn(1, 5, 4))

@@ -68,7 +68,7 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
     q = q.reshape(B, Lq, heads, d).transpose(1, 2)  # [B, H, Lq, d]
     k = k.reshape(B, Lk, heads, d).transpose(1, 2)
     v = v.reshape(B, Lk, heads, d).transpose(1, 2)
-    logits = (q * d**-0.5) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
+    logits = (q * (d**-0.5 if d else 1.0)) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     if seed is None:
@@ -95,7 +95,7 @@ class _NativeAttention(torch.autograd.Function):
         B, Lq, E = q.shape
         out = q.new_empty(B, Lq, E)
         attn = q.new_empty(B, heads, Lq, k.shape[1])
-        scale = (E // heads) ** -0.5
+        scale = (E // heads) ** -0.5 if E else 1.0  # (no channels: nothing is scaled)
         _C.attention_forward(*(_channels_contiguous(t.detach()) for t in (q, k, v)), mask, heads, scale, seed, p, out,
                              attn, num_threads=_lib.num_threads())
         ctx.save_for_backward(q, k, v, attn)
