@@ -68,23 +68,13 @@ inline float exp_lane(float x) {
 }
 inline double exp_lane(double x) { return std::exp(x); }
 
-// The dropout factors of one row: f[j] = keep_scale if element base + j is kept, else 0 (dropout.h's draws: one
-// SplitMix64 output per aligned pair of elements, its high half for the even one).
+// The dropout factors of one row: f[j] = keep_scale if element base + j is kept, else 0 (dropout.h's draws).
 template <typename T>
 inline __attribute__((always_inline)) void keep_factors(uint64_t seed, uint64_t base, uint32_t threshold,
                                                         T keep_scale, int64_t n, T* __restrict__ f) {
-  int64_t j = 0;
-  if ((base & 1) && n > 0) f[j++] = dropout_draw(seed, base) >= threshold ? keep_scale : T(0);
-  const uint64_t k0 = (base + static_cast<uint64_t>(j)) >> 1;
-  const int64_t pairs = (n - j) / 2;
-  T* __restrict__ g = f + j;
-  for (int64_t k = 0; k < pairs; ++k) {
-    const uint64_t z = splitmix64_output(seed, k0 + static_cast<uint64_t>(k));
-    g[2 * k] = static_cast<uint32_t>(z >> 32) >= threshold ? keep_scale : T(0);
-    g[2 * k + 1] = static_cast<uint32_t>(z) >= threshold ? keep_scale : T(0);
-  }
-  if (j + 2 * pairs < n)
-    f[n - 1] = dropout_draw(seed, base + static_cast<uint64_t>(n - 1)) >= threshold ? keep_scale : T(0);
+  const int64_t i0 = static_cast<int64_t>(base);
+  for_each_keep(i0, i0 + n, seed, threshold,
+                [&](int64_t i, bool keep) __attribute__((always_inline)) { f[i - i0] = keep ? keep_scale : T(0); });
 }
 
 // 32-byte lanes of T (GCC / Clang vector extensions: AVX registers in the v3 / v4 clones, SSE pairs otherwise).

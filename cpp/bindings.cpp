@@ -586,11 +586,11 @@ struct MsdaArgs {
   const int64_t* st() const { return starts.v.ptr<int64_t>(); }
 };
 
-void check_out(const View& ref, const View& out, std::initializer_list<int64_t> shape) {
+// out on ref's device, in its dtype, contiguous, of this shape.
+void check_like(const View& ref, const View& out, std::initializer_list<int64_t> shape) {
   check_same_device(ref, out);
   check_same_dtype(ref, out);
   check_contiguous(out);
-  check_writable(out);
   bool ok = out.ndim == static_cast<int>(shape.size());
   int i = 0;
   for (int64_t n : shape) ok = ok && out.size(i++) == n;
@@ -600,6 +600,11 @@ void check_out(const View& ref, const View& out, std::initializer_list<int64_t> 
     for (int64_t n : shape) want += (i++ ? ", " : "") + std::to_string(n);
     throw ValueError(arg(out) + " must have shape " + want + "], got " + out.shape_str());
   }
+}
+
+void check_out(const View& ref, const View& out, std::initializer_list<int64_t> shape) {
+  check_like(ref, out, shape);
+  check_writable(out);
 }
 
 void ms_deform_attn_forward(py::handle value, py::handle shapes, py::handle starts, py::handle loc, py::handle attn,
@@ -778,19 +783,8 @@ void attention_backward(py::handle q, py::handle k, py::handle v, py::handle kpm
   AttnCall c(q, k, v, kpm, heads);
   Arg grad_out(grad_out_, "grad_output"), attn(attn_, "attn"), gq(gq_, "grad_query"), gk(gk_, "grad_key"),
       gv(gv_, "grad_value");
-  check_same_dtype(c.q.v, grad_out.v);
-  check_contiguous(grad_out.v);
-  check_ndim(grad_out.v, 3, "[B, Lq, E]");
-  check_size(grad_out.v, 0, c.B, "B");
-  check_size(grad_out.v, 1, c.Lq, "Lq");
-  check_size(grad_out.v, 2, c.E, "E");
-  check_same_dtype(c.q.v, attn.v);
-  check_contiguous(attn.v);
-  check_ndim(attn.v, 4, "[B, H, Lq, Lk]");
-  check_size(attn.v, 0, c.B, "B");
-  check_size(attn.v, 1, c.H, "H");
-  check_size(attn.v, 2, c.Lq, "Lq");
-  check_size(attn.v, 3, c.Lk, "Lk");
+  check_like(c.q.v, grad_out.v, {c.B, c.Lq, c.E});
+  check_like(c.q.v, attn.v, {c.B, c.H, c.Lq, c.Lk});
   check_out(c.q.v, gq.v, {c.B, c.Lq, c.E});
   check_out(c.q.v, gk.v, {c.B, c.Lk, c.E});
   check_out(c.q.v, gv.v, {c.B, c.Lk, c.E});

@@ -5,23 +5,6 @@
 namespace detrcore {
 namespace {
 
-// fn(i, keep) for i in [i0, i1), in order: one SplitMix64 output per pair of elements (see dropout.h).
-template <typename Fn>
-inline __attribute__((always_inline)) void for_each_keep(int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold,
-                                                         Fn&& fn) {
-  int64_t i = i0;
-  if ((i & 1) && i < i1) {
-    fn(i, dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold);
-    ++i;
-  }
-  for (; i + 1 < i1; i += 2) {
-    const uint64_t z = splitmix64_output(seed, static_cast<uint64_t>(i) >> 1);
-    fn(i, static_cast<uint32_t>(z >> 32) >= threshold);
-    fn(i + 1, static_cast<uint32_t>(z) >= threshold);
-  }
-  if (i < i1) fn(i, dropout_draw(seed, static_cast<uint64_t>(i)) >= threshold);
-}
-
 template <typename T, bool kRelu>
 DETRCORE_ELEMENTWISE_CLONES void forward_range(const T* __restrict x, T* __restrict y, int64_t i0, int64_t i1,
                                                uint64_t seed, uint32_t threshold, typename Elem<T>::C scale) {
