@@ -1,4 +1,4 @@
-// CPU box, dropout, frozen batch norm and MSDA kernels under AddressSanitizer + UndefinedBehaviorSanitizer (CI
+// CPU box, dropout, frozen batch norm, MSDA and Winograd kernels under AddressSanitizer + UndefinedBehaviorSanitizer (CI
 // builds this with -fsanitize=address,undefined): results against naive scalar twins, gradients against finite
 // differences, hostile inputs (NaN/inf locations, corners outside the map, empty sizes) without any out-of-bounds
 // access.
@@ -13,6 +13,7 @@
 #include "dropout.h"
 #include "frozen_bn.h"
 #include "ms_deform_attn.h"
+#include "winograd.h"
 
 using namespace detrcore;
 
@@ -287,12 +288,63 @@ static void test_frozen_bn() {
   }
 }
 
+// Winograd F(2x2, 3x3): transforms around naive products against a direct convolution (forward, input and weight
+// gradients) in double, odd sizes included.
+static void test_winograd() {
+  for (auto [N, C, K, H, W] : {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 1, 1}, {2, 3, 4, 5, 7},
+                               {1, 2, 3, 6, 2}, {3, 5, 2, 9, 8}}) {
+    const int64_t T = winograd_tiles(N, H, W);
+    std::vector<double> x(N * C * H * W), w(K * C * 9), g(N * K * H * W);
+    for (auto* v : {&x, &w, &g})
+      for (auto& e : *v) e = uni(-1, 1);
+    std::vector<double> U(16 * K * C), V(16 * C * T), M(16 * K * T, 0.0), y(N * K * H * W);
+    winograd_weight_cpu<double>(w.data(), U.data(), K * C, 2);
+    winograd_input_cpu<double>(x.data(), V.data(), N, C, H, W, 3);
+    for (int64_t xi = 0; xi < 16; ++xi)  // M = U V per position xi
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < T; ++t) M[(xi * K + k) * T + t] += U[(xi * K + k) * C + c] * V[(xi * C + c) * T + t];
+    winograd_output_cpu<double>(M.data(), nullptr, y.data(), N, K, H, W, 2);
+    std::vector<double> gM(16 * K * T), gV(16 * C * T, 0.0), gU(16 * K * C, 0.0), gx(N * C * H * W), gw(K * C * 9);
+    winograd_output_adjoint_cpu<double>(g.data(), gM.data(), N, K, H, W, 2);
+    for (int64_t xi = 0; xi < 16; ++xi)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < T; ++t) {
+            gV[(xi * C + c) * T + t] += U[(xi * K + k) * C + c] * gM[(xi * K + k) * T + t];
+            gU[(xi * K + k) * C + c] += gM[(xi * K + k) * T + t] * V[(xi * C + c) * T + t];
+          }
+    winograd_input_adjoint_cpu<double>(gV.data(), gx.data(), N, C, H, W, 3);
+    winograd_weight_adjoint_cpu<double>(gU.data(), gw.data(), K * C, 1);
+    std::vector<double> ry(N * K * H * W, 0.0), rgx(N * C * H * W, 0.0), rgw(K * C * 9, 0.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j)
+              for (int64_t p = 0; p < 3; ++p)
+                for (int64_t q = 0; q < 3; ++q) {
+                  const int64_t r = i + p - 1, s = j + q - 1;
+                  if (r < 0 || r >= H || s < 0 || s >= W) continue;
+                  const int64_t yi = ((n * K + k) * H + i) * W + j, xi = ((n * C + c) * H + r) * W + s;
+                  const int64_t wi = (k * C + c) * 9 + 3 * p + q;
+                  ry[yi] += w[wi] * x[xi];
+                  rgx[xi] += w[wi] * g[yi];
+                  rgw[wi] += x[xi] * g[yi];
+                }
+    for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y[i], ry[i], 1e-12);
+    for (size_t i = 0; i < gx.size(); ++i) EXPECT_NEAR(gx[i], rgx[i], 1e-12);
+    for (size_t i = 0; i < gw.size(); ++i) EXPECT_NEAR(gw[i], rgw[i], 1e-12);
+  }
+}
+
 int main() {
   test_boxes();
   test_dropout();
   test_frozen_bn();
   test_msda();
   test_msda_simd();
+  test_winograd();
   std::printf("test_kernels: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -103,6 +103,24 @@ def test_frozen_bn_entry_points_never_crash(a, b, c, s, t, relu, residual, well_
 
 
 @SETTINGS
+@given(a=tensors(), b=tensors(), c=tensors(), data=st.data(), well_formed=st.booleans())
+def test_winograd_entry_points_never_crash(a, b, c, data, well_formed):
+    if well_formed:  # matching shapes, random sizes (zeros included), so the kernels run
+        n, ch, k, h, w = (data.draw(st.integers(0, 5)) for _ in range(5))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+        t = n * ((h + 1) // 2) * ((w + 1) // 2)
+        a, c = torch.randn(n, ch, h, w, dtype=dtype), torch.randn(k, ch, 3, 3, dtype=dtype)
+        b = torch.randn(16, ch, t, dtype=dtype)
+    call(_C.winograd_input, a, b)
+    call(_C.winograd_input_adjoint, b, a)
+    call(_C.winograd_output_adjoint, a, b)
+    call(_C.winograd_output, b, None, a)
+    call(_C.winograd_output, b, c, a)
+    call(_C.winograd_weight, c, b)
+    call(_C.winograd_weight_adjoint, b, c)
+
+
+@SETTINGS
 @given(data=st.data())
 def test_box_entry_points_with_well_formed_shapes(data):
     """Shapes that pass the checks (so the kernels run) with hostile values and zero-size dimensions."""

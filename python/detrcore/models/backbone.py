@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrcore.nn import Conv2d
 from detrcore.ops import _lib
 from detrcore.ops._lib import _C
 
@@ -132,9 +133,9 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  dilation: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv1 = Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = FrozenBatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = FrozenBatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -153,7 +154,8 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = FrozenBatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        # detrcore's Conv2d: the 3x3 stride-1 ones of layer2 and up run as Winograd on the CPU (detrcore.nn.conv)
+        self.conv2 = Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = FrozenBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = FrozenBatchNorm2d(planes * 4)

@@ -1,7 +1,7 @@
 """Building-block modules on top of detrcore.ops (the models package composes them)."""
 from .attention import MultiheadAttention
 from .dropout import Dropout
-from .unfold_conv import Conv2d
+from .conv import Conv2d
 from .onednn_linear import Linear, linear
 from .ms_deform_attn import MSDeformAttn, TokenPacking
 

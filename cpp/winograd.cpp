@@ -1,0 +1,361 @@
+#include "winograd.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "elem.h"
+#include "parallel.h"
+
+namespace detrcore {
+namespace {
+
+// Planes of HW elements per parallel chunk: at least kElementwiseGrain elements of work (each plane's transform
+// reads or writes about 4 HW).
+int64_t plane_grain(int64_t HW) { return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, 4 * HW)); }
+
+// ---- weight: U = G w G^T and its adjoint, per (k, c) pair ----
+
+// Writes go through a [16][kBlock] buffer, then out as 16 runs: storing each pair's 16 values straight into the 16
+// planes (KC apart, often a multiple of the cache's set stride) thrashes the caches (6 ms instead of 0.5 for
+// 512 x 512 pairs).
+constexpr int64_t kBlock = 64;
+
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void weight_range(const T* __restrict w, T* __restrict U, int64_t i0, int64_t i1,
+                                              int64_t KC) {
+  const T h = T(0.5);
+  T buf[16 * kBlock];
+  for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
+    const int64_t nb = std::min(kBlock, i1 - b0);
+    #pragma GCC ivdep  // the stores' streams never overlap
+    for (int64_t e = 0; e < nb; ++e) {
+      const T* g = w + (b0 + e) * 9;
+      T a[4][3];
+      for (int q = 0; q < 3; ++q) {  // rows: G g
+        a[0][q] = g[q];
+        a[1][q] = h * (g[q] + g[3 + q] + g[6 + q]);
+        a[2][q] = h * (g[q] - g[3 + q] + g[6 + q]);
+        a[3][q] = g[6 + q];
+      }
+      for (int r = 0; r < 4; ++r) {  // columns: (G g) G^T
+        buf[(4 * r + 0) * kBlock + e] = a[r][0];
+        buf[(4 * r + 1) * kBlock + e] = h * (a[r][0] + a[r][1] + a[r][2]);
+        buf[(4 * r + 2) * kBlock + e] = h * (a[r][0] - a[r][1] + a[r][2]);
+        buf[(4 * r + 3) * kBlock + e] = a[r][2];
+      }
+    }
+    for (int xi = 0; xi < 16; ++xi) std::copy_n(buf + xi * kBlock, nb, U + xi * KC + b0);
+  }
+}
+
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void weight_adjoint_range(const T* __restrict gU, T* __restrict gw, int64_t i0,
+                                                      int64_t i1, int64_t KC) {
+  const T h = T(0.5);
+  for (int64_t i = i0; i < i1; ++i) {
+    T a[4][3];
+    for (int r = 0; r < 4; ++r) {  // adjoint of the columns
+      const T u0 = gU[(4 * r + 0) * KC + i], u1 = gU[(4 * r + 1) * KC + i];
+      const T u2 = gU[(4 * r + 2) * KC + i], u3 = gU[(4 * r + 3) * KC + i];
+      a[r][0] = u0 + h * (u1 + u2);
+      a[r][1] = h * (u1 - u2);
+      a[r][2] = h * (u1 + u2) + u3;
+    }
+    T* g = gw + i * 9;
+    for (int q = 0; q < 3; ++q) {  // adjoint of the rows
+      g[q] = a[0][q] + h * (a[1][q] + a[2][q]);
+      g[3 + q] = h * (a[1][q] - a[2][q]);
+      g[6 + q] = h * (a[1][q] + a[2][q]) + a[3][q];
+    }
+  }
+}
+
+// ---- input: V = B^T d B per 4x4 patch, and its adjoint (overlapping patches summed) ----
+
+// Planes [p0, p1) in channel-major order (p = c * N + n: one channel's images are adjacent runs of V). Each
+// plane's tile values go to a [16][TH * TW] buffer first, then out as 16 runs (see kBlock). The patch rows are split
+// into even and odd columns so that the tile loop reads unit-stride (vectorised).
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void input_planes(const T* __restrict x, T* __restrict V, T* __restrict rows,
+                                              T* __restrict half, T* __restrict loc, int64_t p0, int64_t p1, int64_t N,
+                                              int64_t C, int64_t H, int64_t W, int64_t Tn) {
+  // rows: one patch row, zero-padded (columns -1 .. 2 TW); half: the 4 patch rows' even and odd padded columns,
+  // half[(2 i + odd) * Th + m]; loc: the plane's [16][TH * TW] tile values. Separate buffers: GCC vectorises the
+  // tile loop only when its loads and stores do not share a base.
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, Wp = 2 * TW + 2, TP = TH * TW, Th = TW + 1;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p / N, n = p % N;
+    const T* plane = x + (n * C + c) * H * W;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t r = 2 * ty - 1 + i;
+        std::fill(rows, rows + Wp, T(0));
+        if (r >= 0 && r < H) std::copy_n(plane + r * W, W, rows + 1);
+        T* __restrict ev = half + 2 * i * Th;
+        T* __restrict od = ev + Th;
+        for (int64_t m = 0; m < Th; ++m) {
+          ev[m] = rows[2 * m];
+          od[m] = rows[2 * m + 1];
+        }
+      }
+      // Patch (ty, tx) row i, column j: j = 0, 1, 2, 3 -> even[tx], odd[tx], even[tx + 1], odd[tx + 1].
+      const T* __restrict e0 = half;
+      const T* __restrict o0 = half + Th;
+      const T* __restrict e1 = half + 2 * Th;
+      const T* __restrict o1 = half + 3 * Th;
+      const T* __restrict e2 = half + 4 * Th;
+      const T* __restrict o2 = half + 5 * Th;
+      const T* __restrict e3 = half + 6 * Th;
+      const T* __restrict o3 = half + 7 * Th;
+      T* __restrict o = loc + ty * TW;
+      #pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        // rows: B^T d (row i of the result, column j)
+        const T a00 = e0[tx] - e2[tx], a01 = o0[tx] - o2[tx], a02 = e0[tx + 1] - e2[tx + 1];
+        const T a03 = o0[tx + 1] - o2[tx + 1];
+        const T a10 = e1[tx] + e2[tx], a11 = o1[tx] + o2[tx], a12 = e1[tx + 1] + e2[tx + 1];
+        const T a13 = o1[tx + 1] + o2[tx + 1];
+        const T a20 = e2[tx] - e1[tx], a21 = o2[tx] - o1[tx], a22 = e2[tx + 1] - e1[tx + 1];
+        const T a23 = o2[tx + 1] - o1[tx + 1];
+        const T a30 = e1[tx] - e3[tx], a31 = o1[tx] - o3[tx], a32 = e1[tx + 1] - e3[tx + 1];
+        const T a33 = o1[tx + 1] - o3[tx + 1];
+        // columns: (B^T d) B
+        o[0 * TP + tx] = a00 - a02;
+        o[1 * TP + tx] = a01 + a02;
+        o[2 * TP + tx] = a02 - a01;
+        o[3 * TP + tx] = a01 - a03;
+        o[4 * TP + tx] = a10 - a12;
+        o[5 * TP + tx] = a11 + a12;
+        o[6 * TP + tx] = a12 - a11;
+        o[7 * TP + tx] = a11 - a13;
+        o[8 * TP + tx] = a20 - a22;
+        o[9 * TP + tx] = a21 + a22;
+        o[10 * TP + tx] = a22 - a21;
+        o[11 * TP + tx] = a21 - a23;
+        o[12 * TP + tx] = a30 - a32;
+        o[13 * TP + tx] = a31 + a32;
+        o[14 * TP + tx] = a32 - a31;
+        o[15 * TP + tx] = a31 - a33;
+      }
+    }
+    for (int xi = 0; xi < 16; ++xi) std::copy_n(loc + xi * TP, TP, V + (xi * C + c) * Tn + n * TP);
+  }
+}
+
+// Planes in channel-major order. Each plane's 16 runs of tile values are read into a buffer and transformed in place
+// into each tile's 4x4 patch gradient E[i][j] (padded with a zero tile all round), then every image pixel sums its
+// (up to) four overlapping patches' entries: row 2s + 1 + a and column 2u + 1 + b (a, b in {-1, 0}) take entry
+// (2 + a, 2 + b) of tile (s, u) ... written out row by row, without a zeroing pass. scratch: 16 * (TH + 2) * (TW + 2)
+// + 2 * TW.
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void input_adjoint_planes(const T* __restrict gV, T* __restrict gx, T* __restrict scratch,
+                                                      int64_t p0, int64_t p1, int64_t N, int64_t C, int64_t H,
+                                                      int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, TP = TH * TW, Gw = TW + 2, GP = (TH + 2) * Gw;
+  T* __restrict E = scratch;  // E[(4 i + j) * GP + (ty + 1) * Gw + tx + 1]
+  T* __restrict line = scratch + 16 * GP;
+  std::fill(E, E + 16 * GP, T(0));
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p / N, n = p % N;
+    const T* __restrict g = gV + c * Tn + n * TP;
+    const int64_t st = C * Tn;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      const T* __restrict gr = g + ty * TW;
+      T* __restrict e = E + (ty + 1) * Gw + 1;
+      #pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        T v[4][4], a[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int j = 0; j < 4; ++j) v[r][j] = gr[(4 * r + j) * st + tx];
+        for (int r = 0; r < 4; ++r) {  // adjoint of the columns
+          a[r][0] = v[r][0];
+          a[r][1] = v[r][1] - v[r][2] + v[r][3];
+          a[r][2] = v[r][2] - v[r][0] + v[r][1];
+          a[r][3] = -v[r][3];
+        }
+        for (int j = 0; j < 4; ++j) {  // adjoint of the rows
+          e[(0 + j) * GP + tx] = a[0][j];
+          e[(4 + j) * GP + tx] = a[1][j] - a[2][j] + a[3][j];
+          e[(8 + j) * GP + tx] = a[2][j] - a[0][j] + a[1][j];
+          e[(12 + j) * GP + tx] = -a[3][j];
+        }
+      }
+    }
+    T* plane = gx + (n * C + c) * H * W;
+    for (int64_t r = 0; r < H; ++r) {
+      // Image row r = 2s + 1 + a: patch row 2 + a of tile row s (a = -1: row 1 of s; a = 0: row 2 of s) and patch row
+      // a + 0 ... in general: rows i of tile ty with 2 ty - 1 + i = r, i.e. (ty, i) = (r / 2, 1 + r % 2) and
+      // (r / 2 - 1 + r % 2 * 2 ... ) -- spelled out: even r = 2s: (s, 1), (s - 1, 3); odd r = 2s + 1: (s, 2), (s + 1, 0).
+      const int64_t s = r / 2;
+      const int64_t i_a = r % 2 ? 2 : 1, i_b = r % 2 ? 0 : 3;
+      const T* __restrict ra = E + (s + 1) * Gw + 1;                  // tile row s, patch row i_a
+      const T* __restrict rb = E + (r % 2 ? s + 2 : s) * Gw + 1;      // tile row s + 1 or s - 1, patch row i_b
+      const T* __restrict a0 = ra + (4 * i_a + 0) * GP;
+      const T* __restrict a1 = ra + (4 * i_a + 1) * GP;
+      const T* __restrict a2 = ra + (4 * i_a + 2) * GP;
+      const T* __restrict a3 = ra + (4 * i_a + 3) * GP;
+      const T* __restrict b0 = rb + (4 * i_b + 0) * GP;
+      const T* __restrict b1 = rb + (4 * i_b + 1) * GP;
+      const T* __restrict b2 = rb + (4 * i_b + 2) * GP;
+      const T* __restrict b3 = rb + (4 * i_b + 3) * GP;
+      // Column 2u: tile u's patch column 1 and tile u - 1's column 3; column 2u + 1: tile u's 2 and tile u + 1's 0.
+      #pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t u = 0; u < TW; ++u) {
+        line[2 * u] = (a1[u] + a3[u - 1]) + (b1[u] + b3[u - 1]);
+        line[2 * u + 1] = (a2[u] + a0[u + 1]) + (b2[u] + b0[u + 1]);
+      }
+      std::copy_n(line, W, plane + r * W);
+    }
+  }
+}
+
+// ---- output: y = A^T m A per 2x2 tile, and its adjoint ----
+
+// line: 2 * (2 * TW) scratch (the tile row's two output rows).
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void output_planes(const T* __restrict M, const T* __restrict bias, T* __restrict y,
+                                               T* __restrict line, int64_t p0, int64_t p1, int64_t K, int64_t H,
+                                               int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, W2 = 2 * TW, st = K * Tn;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / K, k = p % K;
+    const T b0 = bias ? bias[k] : T(0);
+    T* plane = y + p * H * W;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      const T* __restrict m = M + k * Tn + (n * TH + ty) * TW;
+      T* __restrict l0 = line;
+      T* __restrict l1 = line + W2;
+      #pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        T a[2][4];
+        for (int j = 0; j < 4; ++j) {  // rows: A^T m
+          const T m0 = m[(0 + j) * st + tx], m1 = m[(4 + j) * st + tx];
+          const T m2 = m[(8 + j) * st + tx], m3 = m[(12 + j) * st + tx];
+          a[0][j] = m0 + m1 + m2;
+          a[1][j] = m1 - m2 - m3;
+        }
+        l0[2 * tx] = a[0][0] + a[0][1] + a[0][2] + b0;  // columns: (A^T m) A
+        l0[2 * tx + 1] = a[0][1] - a[0][2] - a[0][3] + b0;
+        l1[2 * tx] = a[1][0] + a[1][1] + a[1][2] + b0;
+        l1[2 * tx + 1] = a[1][1] - a[1][2] - a[1][3] + b0;
+      }
+      std::copy_n(l0, W, plane + 2 * ty * W);
+      if (2 * ty + 1 < H) std::copy_n(l1, W, plane + (2 * ty + 1) * W);
+    }
+  }
+}
+
+// Planes in channel-major order, through a [16][TH * TW] buffer, as input_planes. scratch: 2 * (2 * TW) (the tile
+// row's two gradient rows, zero past the image) + 16 * TH * TW.
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void output_adjoint_planes(const T* __restrict gy, T* __restrict gM,
+                                                       T* __restrict scratch, int64_t p0, int64_t p1, int64_t N,
+                                                       int64_t K, int64_t H, int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, W2 = 2 * TW, TP = TH * TW;
+  T* __restrict l0 = scratch;
+  T* __restrict l1 = scratch + W2;
+  T* __restrict loc = scratch + 2 * W2;
+  std::fill(scratch, scratch + 2 * W2, T(0));
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t k = p / N, n = p % N;
+    const T* plane = gy + (n * K + k) * H * W;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      std::copy_n(plane + 2 * ty * W, W, l0);
+      if (2 * ty + 1 < H) {
+        std::copy_n(plane + (2 * ty + 1) * W, W, l1);
+      } else {
+        std::fill(l1, l1 + W, T(0));
+      }
+      T* __restrict g = loc + ty * TW;
+      #pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        T a[2][4];  // adjoint of the columns
+        for (int r = 0; r < 2; ++r) {
+          const T* l = r ? l1 : l0;
+          const T o0 = l[2 * tx], o1 = l[2 * tx + 1];
+          a[r][0] = o0;
+          a[r][1] = o0 + o1;
+          a[r][2] = o0 - o1;
+          a[r][3] = -o1;
+        }
+        for (int j = 0; j < 4; ++j) {  // adjoint of the rows
+          g[(0 + j) * TP + tx] = a[0][j];
+          g[(4 + j) * TP + tx] = a[0][j] + a[1][j];
+          g[(8 + j) * TP + tx] = a[0][j] - a[1][j];
+          g[(12 + j) * TP + tx] = -a[1][j];
+        }
+      }
+    }
+    for (int xi = 0; xi < 16; ++xi) std::copy_n(loc + xi * TP, TP, gM + (xi * K + k) * Tn + n * TP);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void winograd_weight_cpu(const T* w, T* U, int64_t KC, int num_threads) {
+  if (KC <= 0) return;
+  parallel_for(KC, kElementwiseGrain / 16, num_threads,
+               [&](int64_t i0, int64_t i1) { weight_range<T>(w, U, i0, i1, KC); });
+}
+
+template <typename T>
+void winograd_weight_adjoint_cpu(const T* gU, T* gw, int64_t KC, int num_threads) {
+  if (KC <= 0) return;
+  parallel_for(KC, kElementwiseGrain / 16, num_threads,
+               [&](int64_t i0, int64_t i1) { weight_adjoint_range<T>(gU, gw, i0, i1, KC); });
+}
+
+template <typename T>
+void winograd_input_cpu(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads) {
+  if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return;
+  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TP = ((H + 1) / 2) * TW;
+  parallel_for(N * C, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
+    std::vector<T> rows(2 * TW + 2), half(8 * (TW + 1)), loc(16 * TP);
+    input_planes<T>(x, V, rows.data(), half.data(), loc.data(), p0, p1, N, C, H, W, Tn);
+  });
+}
+
+template <typename T>
+void winograd_input_adjoint_cpu(const T* gV, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads) {
+  if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return;
+  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TH = (H + 1) / 2;
+  parallel_for(N * C, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
+    std::vector<T> scratch(16 * (TH + 2) * (TW + 2) + 2 * TW);
+    input_adjoint_planes<T>(gV, gx, scratch.data(), p0, p1, N, C, H, W, Tn);
+  });
+}
+
+template <typename T>
+void winograd_output_cpu(const T* M, const T* bias, T* y, int64_t N, int64_t K, int64_t H, int64_t W,
+                         int num_threads) {
+  if (N <= 0 || K <= 0 || H <= 0 || W <= 0) return;
+  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2;
+  parallel_for(N * K, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
+    std::vector<T> line(4 * TW);
+    output_planes<T>(M, bias, y, line.data(), p0, p1, K, H, W, Tn);
+  });
+}
+
+template <typename T>
+void winograd_output_adjoint_cpu(const T* gy, T* gM, int64_t N, int64_t K, int64_t H, int64_t W, int num_threads) {
+  if (N <= 0 || K <= 0 || H <= 0 || W <= 0) return;
+  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TP = ((H + 1) / 2) * TW;
+  parallel_for(N * K, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
+    std::vector<T> scratch(4 * TW + 16 * TP);
+    output_adjoint_planes<T>(gy, gM, scratch.data(), p0, p1, N, K, H, W, Tn);
+  });
+}
+
+#define DETRCORE_INSTANTIATE(T)                                                                          \
+  template void winograd_weight_cpu<T>(const T*, T*, int64_t, int);                                      \
+  template void winograd_weight_adjoint_cpu<T>(const T*, T*, int64_t, int);                              \
+  template void winograd_input_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);            \
+  template void winograd_input_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);    \
+  template void winograd_output_cpu<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int); \
+  template void winograd_output_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);
+DETRCORE_INSTANTIATE(float)
+DETRCORE_INSTANTIATE(double)
+#undef DETRCORE_INSTANTIATE
+
+}  // namespace detrcore

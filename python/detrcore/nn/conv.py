@@ -1,0 +1,164 @@
+"""nn.Conv2d with two faster float32 CPU paths for the convolutions of DETR's backbones and necks.
+
+Winograd: 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet bottleneck's
+middle convolution after the first of a stage) run as Winograd F(2x2, 3x3) (Lavin & Gray 2016; `cpp/winograd.h`):
+native input / output / weight transforms around 16 batched matrix products (torch.bmm), 2.25x fewer multiplies
+than a direct convolution. Forward + backward of ResNet-50's layer2 / layer3 3x3 convolutions at the CPU
+benchmark's size: 11.2 -> 8.1 and 10.6 -> 7.3 ms (2 threads, Zen 4). The transforms' constants are 0, +-1 and
++-1/2, exact in floating point: results agree with torch's convolution to float rounding.
+
+Unfold: weight-heavy convolutions with few output positions run as unfold + oneDNN matmul. Deformable DETR's extra
+feature level is a 3x3 stride-2 convolution from C5 (2048 channels) to 256: a 19 MB weight and, at the CPU
+benchmark's size, 40 output positions. torch's oneDNN convolution reorders that weight into its blocked layout on
+every call (forward, input gradient) and the weight gradient back out of it, and runs the products at 40-70
+GFLOP/s. As a matrix product over the unfolded input ([B*L, Cin*k*k] x [Cin*k*k, Cout], oneDNN's matmul, which
+reads the weight as it is) the forward takes 3.4 ms instead of 5.0 and the backward 6.3 instead of 12.
+
+Everything else — other shapes and dtypes, autocast, CUDA, groups, dilation, channels-last inputs, torch.compile,
+torch.func — is torch's convolution. Same parameters and names as nn.Conv2d.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrcore.ops import _lib
+from detrcore.ops._lib import _C, under_torch_func
+
+from . import onednn_linear
+from .onednn_linear import _mm
+
+# The regime measured to gain: few output positions (B * Ho * Wo) and a long unfolded row (Cin * kh * kw).
+MAX_POSITIONS, MIN_ROW = 256, 4096
+# Winograd's regime: products of at least this many channels each way and 2x2 output tiles (below, torch.bmm's
+# small products and the transforms cost more than the multiplies saved: ResNet-50's layer4 at the CPU
+# benchmark's size, 512 channels and 40 tiles, is no faster).
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES = 128, 128
+
+
+class Conv2d(nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        winograd = self._winograd_applies(x)
+        if not winograd and not self._unfold_applies(x):
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            if winograd:
+                return _WinogradConv.apply(x, w, b)
+            return _UnfoldConv.apply(x, w, b, self.stride, self.padding)
+        with torch.no_grad():
+            if winograd:
+                return _winograd_forward(x, w, b)[0]
+            return _UnfoldConv.forward(None, x, w, b, self.stride, self.padding)
+
+    def _cpu_fp32_eager(self, x: Tensor) -> bool:
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and (self.bias is None or self.bias.dtype == torch.float32)
+                and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and x.shape[1] == self.in_channels
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and not under_torch_func())  # torch.func: torch's convolution
+
+    def _winograd_applies(self, x: Tensor) -> bool:
+        if not self._cpu_fp32_eager(x):
+            return False
+        n, _, h, w = x.shape
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and n * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES
+                and x.is_contiguous() and self.weight.is_contiguous())
+
+    def _unfold_applies(self, x: Tensor) -> bool:
+        if onednn_linear._ONEDNN is None or not self._cpu_fp32_eager(x):
+            return False
+        kh, kw = self.kernel_size
+        ho = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
+        wo = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        return ho > 0 and wo > 0 and x.shape[0] * ho * wo <= MAX_POSITIONS and self.in_channels * kh * kw >= MIN_ROW
+
+
+class _UnfoldConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) -> Tensor:
+        B, _, H, W = x.shape
+        cout, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+        ho, wo = (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+        cols = F.unfold(x.detach(), (kh, kw), padding=padding, stride=stride)  # [B, Cin*kh*kw, L]
+        rows = cols.transpose(1, 2).reshape(B * ho * wo, -1)  # [B*L, Cin*kh*kw], contiguous
+        out = _mm(rows, weight.detach().reshape(cout, -1), None if bias is None else bias.detach())  # [B*L, Cout]
+        if ctx is not None:
+            ctx.save_for_backward(x, weight, bias, rows)
+            ctx.geometry = (B, H, W, ho, wo, stride, padding)
+            ctx.has_bias = bias is not None
+        return out.view(B, ho * wo, cout).transpose(1, 2).reshape(B, cout, ho, wo)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, bias, rows = ctx.saved_tensors
+        B, H, W, ho, wo, stride, padding = ctx.geometry
+        cout, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+        if torch.is_grad_enabled():  # create_graph=True: torch's differentiable convolution, differentiated
+            return *_conv_grads_differentiably(x, weight, bias, grad, ctx.needs_input_grad, stride, padding), None, None
+        g = grad.flatten(2).transpose(1, 2).reshape(B * ho * wo, cout)  # [B*L, Cout]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            d_rows = _mm(g, weight.detach().reshape(cout, -1).t(), None)  # [B*L, Cin*kh*kw]
+            grad_x = F.fold(d_rows.view(B, ho * wo, -1).transpose(1, 2), (H, W), (kh, kw), padding=padding,
+                            stride=stride)
+        if ctx.needs_input_grad[1]:
+            grad_w = _mm(g.t().contiguous(), rows.t(), None).view(weight.shape)  # [Cout, B*L] x [B*L, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """y = conv2d(x, weight, bias, padding=1) through Winograd F(2x2, 3x3); also the transformed weight U
+    [16, K, C] and input V [16, C, T] the backward multiplies with. x, weight: contiguous, detached."""
+    n, c, h, w = x.shape
+    k, threads = weight.shape[0], _lib.num_threads()
+    u = x.new_empty(16, k, c)
+    _C.winograd_weight(weight, u, num_threads=threads)
+    v = x.new_empty(16, c, n * ((h + 1) // 2) * ((w + 1) // 2))
+    _C.winograd_input(x, v, num_threads=threads)
+    y = x.new_empty(n, k, h, w)
+    _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads)
+    return y, u, v
+
+
+class _WinogradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        y, u, v = _winograd_forward(x.detach(), weight.detach(), None if bias is None else bias.detach())
+        ctx.save_for_backward(x, weight, bias, u, v)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, bias, u, v = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: torch's differentiable convolution, differentiated
+            return _conv_grads_differentiably(x, weight, bias, grad, ctx.needs_input_grad, (1, 1), (1, 1))
+        threads = _lib.num_threads()
+        grad = grad.contiguous()
+        grad_m = grad.new_empty(16, u.shape[1], v.shape[2])
+        _C.winograd_output_adjoint(grad, grad_m, num_threads=threads)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.empty_like(x)
+            _C.winograd_input_adjoint(torch.bmm(u.transpose(1, 2), grad_m), grad_x, num_threads=threads)
+        if need_w:
+            grad_w = torch.empty_like(weight)
+            _C.winograd_weight_adjoint(torch.bmm(grad_m, v.transpose(1, 2)), grad_w, num_threads=threads)
+        if bias is not None and need_b:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+def _conv_grads_differentiably(x, weight, bias, grad, needs_input_grad, stride, padding) -> tuple:
+    """(grad_x, grad_weight, grad_bias) of F.conv2d through torch's own differentiable ops (double backward)."""
+    inputs = [x, weight, bias]
+    wanted = [t for t, need in zip(inputs, needs_input_grad) if need and t is not None]
+    grads = iter(torch.autograd.grad(F.conv2d(x, weight, bias, stride, padding), wanted, grad, create_graph=True))
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs_input_grad[:3]))
