@@ -29,8 +29,10 @@ from detrcore.ops._lib import _C, under_torch_func
 from . import onednn_linear
 from .onednn_linear import _mm
 
-# The regime measured to gain: few output positions (B * Ho * Wo) and a long unfolded row (Cin * kh * kw).
-MAX_POSITIONS, MIN_ROW = 256, 4096
+# The regime measured to gain: few output positions (B * Ho * Wo) and a long unfolded row (Cin * kh * kw). ResNet-50
+# layer4's 3x3 convolutions (a 4608 row, 160 positions at the CPU benchmark's size) are 1 % slower on the training
+# step this way than as oneDNN convolutions (in one process, 15 rounds): they stay torch's.
+MAX_POSITIONS, MIN_ROW = 256, 8192
 # Winograd's regime: products of at least this many channels each way and 2x2 output tiles (below, torch.bmm's
 # small products and the transforms cost more than the multiplies saved: ResNet-50's layer4 at the CPU
 # benchmark's size, 512 channels and 40 tiles, is no faster).
