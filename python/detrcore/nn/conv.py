@@ -1,7 +1,7 @@
 """nn.Conv2d with two faster float32 CPU paths for the convolutions of DETR's backbones and necks.
 
-Winograd: 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet bottleneck's
-middle convolution after the first of a stage) run as Winograd F(2x2, 3x3) (Lavin & Gray 2016; `cpp/winograd.h`):
+Winograd: in training, 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet
+bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd F(2x2, 3x3) (Lavin & Gray 2016; `cpp/winograd.h`):
 native input / output / weight transforms around 16 batched matrix products (torch.bmm), 2.25x fewer multiplies
 than a direct convolution. Forward + backward of ResNet-50's layer2 / layer3 3x3 convolutions at the CPU
 benchmark's size: 11.2 -> 8.1 and 10.6 -> 7.3 ms (2 threads, Zen 4). The transforms' constants are 0, +-1 and
@@ -33,25 +33,27 @@ from .onednn_linear import _mm
 # layer4's 3x3 convolutions (a 4608 row, 160 positions at the CPU benchmark's size) are 1 % slower on the training
 # step this way than as oneDNN convolutions (in one process, 15 rounds): they stay torch's.
 MAX_POSITIONS, MIN_ROW = 256, 8192
-# Winograd's regime: products of at least this many channels each way and 2x2 output tiles (below, torch.bmm's
-# small products and the transforms cost more than the multiplies saved: ResNet-50's layer4 at the CPU
-# benchmark's size, 512 channels and 40 tiles, is no faster).
-WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES = 128, 128
+# Winograd's regime, measured on forward + backward (2 threads, Zen 4): products of at least this many channels each
+# way and 2x2 output tiles (below, torch.bmm's small products and the transforms cost more than the multiplies
+# saved: ResNet-50's layer4 at the CPU benchmark's size, 512 channels and 40 tiles, is no faster), and transformed
+# tensors ([16, channels, tiles]) of at most 2**19 * 16 elements (32 MB in float32: 1.4-1.6x faster up to there,
+# e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x). Training only: a forward alone gains too little
+# (0.6-1.4x by shape) to replace torch's convolution in inference.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
 
 
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        winograd = self._winograd_applies(x)
-        if not winograd and not self._unfold_applies(x):
-            return super().forward(x)
         w, b = self.weight, self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            if winograd:
-                return _WinogradConv.apply(x, w, b)
+        training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                or (b is not None and b.requires_grad))
+        if training and self._winograd_applies(x):
+            return _WinogradConv.apply(x, w, b)
+        if not self._unfold_applies(x):
+            return super().forward(x)
+        if training:
             return _UnfoldConv.apply(x, w, b, self.stride, self.padding)
         with torch.no_grad():
-            if winograd:
-                return _winograd_forward(x, w, b)[0]
             return _UnfoldConv.forward(None, x, w, b, self.stride, self.padding)
 
     def _cpu_fp32_eager(self, x: Tensor) -> bool:
@@ -66,9 +68,10 @@ class Conv2d(nn.Conv2d):
         if not self._cpu_fp32_eager(x):
             return False
         n, _, h, w = x.shape
+        tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
-                and n * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+                and tiles * max(self.in_channels, self.out_channels) <= WINOGRAD_MAX_PLANE
                 and x.is_contiguous() and self.weight.is_contiguous())
 
     def _unfold_applies(self, x: Tensor) -> bool:
