@@ -1,11 +1,11 @@
 """nn.Conv2d with two faster float32 CPU paths for the convolutions of DETR's backbones and necks.
 
 Winograd: in training, 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet
-bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd F(2x2, 3x3) (Lavin & Gray 2016; `cpp/winograd.h`):
-native input / output / weight transforms around 16 batched matrix products (torch.bmm), 2.25x fewer multiplies
-than a direct convolution. Forward + backward of ResNet-50's layer2 / layer3 3x3 convolutions at the CPU
-benchmark's size: 11.2 -> 8.1 and 10.6 -> 7.3 ms (2 threads, Zen 4). The transforms' constants are 0, +-1 and
-+-1/2, exact in floating point: results agree with torch's convolution to float rounding.
+bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd F(2x2, 3x3) (Lavin &
+Gray 2016; `cpp/winograd.h`): native input / output / weight transforms around 16 batched matrix products
+(torch.bmm), 2.25x fewer multiplies than a direct convolution. Forward + backward of ResNet-50's layer2 / layer3 3x3
+convolutions at the CPU benchmark's size: 11.4 -> 7.8 and 11.8 -> 7.3 ms (2 threads, Zen 4). The transforms'
+constants are 0, +-1 and +-1/2, exact in floating point: results agree with torch's convolution to float rounding.
 
 Unfold: weight-heavy convolutions with few output positions run as unfold + oneDNN matmul. Deformable DETR's extra
 feature level is a 3x3 stride-2 convolution from C5 (2048 channels) to 256: a 19 MB weight and, at the CPU
