@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-BENCHMARKS = ("boxes", "assignment", "msda")
+BENCHMARKS = ("boxes", "assignment", "msda", "conv")
 
 # --model presets for small data on a CPU: the default backbone (frozen, pretrained EfficientNet-Lite0) and sizes,
 # one architecture switch each. Anything else: --set model.KEY=VALUE.
@@ -287,7 +287,8 @@ def info() -> None:
 def bench(which: str, out_dir: Path, repeats: int, device: str, threads: int | None) -> None:
     """Time detrcore's ops against their baselines (plain PyTorch, scipy) and write JSON records.
 
-    WHICH is one of boxes, assignment, msda (multi-scale deformable attention) or all (the default).
+    WHICH is one of boxes, assignment, msda (multi-scale deformable attention), conv (3x3 convolutions in training)
+    or all (the default).
     """
     import torch
 
@@ -305,6 +306,14 @@ def bench(which: str, out_dir: Path, repeats: int, device: str, threads: int | N
 
             record = box_ops.run(device=device, repeats=repeats)
             path = _common.write_json(record, out_dir / f"box_ops_{tag}.json")
+        elif name == "conv":
+            from detrcore.bench import conv
+
+            if not device.startswith("cpu"):
+                click.echo("conv: CPU only (the Winograd path is the CPU's); skipped")
+                continue
+            record = conv.run(repeats=repeats)
+            path = _common.write_json(record, out_dir / "conv_cpu.json")
         elif name == "msda":
             from detrcore.bench import msda
 

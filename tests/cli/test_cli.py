@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from detrcore.bench import _common, assignment, box_ops, msda
+from detrcore.bench import _common, assignment, box_ops, conv, msda
 from detrcore.cli import main
 
 
@@ -21,6 +21,8 @@ def tiny_benchmarks(monkeypatch):
     monkeypatch.setattr(assignment, "TARGETS", [1, 4])
     monkeypatch.setattr(assignment, "BATCH", (3, 12, 4))
     monkeypatch.setattr(msda, "CPU_LEVELS", [(6, 5), (3, 3)])
+    monkeypatch.setattr(conv, "time_interleaved", functools.partial(_common.time_interleaved, min_time=0.001))
+    monkeypatch.setattr(conv, "SHAPES", [(2, 128, 16, 16), (1, 8, 5, 7)])  # 128 tiles: Winograd; 8 channels: torch
 
 
 def test_interleaved_timing_goes_round_robin():
@@ -56,6 +58,9 @@ def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
     modes = {(r["shape"], r["mode"]) for r in attn["results"]}
     assert modes == {(s, m) for s in ("encoder", "decoder") for m in ("fwd", "fwd+bwd")}
     assert all(r["speedup_vs_reference"] > 0 for r in attn["results"])
+    convs = json.loads((tmp_path / "conv_cpu.json").read_text())
+    assert [r["path"] for r in convs["results"]] == ["winograd", "torch"]
+    assert all(r["torch_ms"] > 0 and r["detrcore_ms"] > 0 for r in convs["results"])
 
 
 def test_bench_rejects_a_missing_gpu():
