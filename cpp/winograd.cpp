@@ -20,22 +20,26 @@ int64_t plane_grain(int64_t HW) { return std::max<int64_t>(1, kElementwiseGrain 
 // 512 x 512 pairs).
 constexpr int64_t kBlock = 64;
 
+// The 3x3 weights are first transposed into g[9][kBlock] so that the transform runs on unit-stride vectors (GCC does
+// not vectorise the 9-element groups in place).
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void weight_range(const T* __restrict w, T* __restrict U, int64_t i0, int64_t i1,
                                               int64_t KC) {
   const T h = T(0.5);
-  T buf[16 * kBlock];
+  T g[9][kBlock], buf[16 * kBlock];
   for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
     const int64_t nb = std::min(kBlock, i1 - b0);
-    #pragma GCC ivdep  // the stores' streams never overlap
+    const T* wb = w + b0 * 9;
+    for (int64_t e = 0; e < nb; ++e)
+      for (int q = 0; q < 9; ++q) g[q][e] = wb[e * 9 + q];
+#pragma GCC ivdep  // the stores' streams never overlap
     for (int64_t e = 0; e < nb; ++e) {
-      const T* g = w + (b0 + e) * 9;
       T a[4][3];
       for (int q = 0; q < 3; ++q) {  // rows: G g
-        a[0][q] = g[q];
-        a[1][q] = h * (g[q] + g[3 + q] + g[6 + q]);
-        a[2][q] = h * (g[q] - g[3 + q] + g[6 + q]);
-        a[3][q] = g[6 + q];
+        a[0][q] = g[q][e];
+        a[1][q] = h * (g[q][e] + g[3 + q][e] + g[6 + q][e]);
+        a[2][q] = h * (g[q][e] - g[3 + q][e] + g[6 + q][e]);
+        a[3][q] = g[6 + q][e];
       }
       for (int r = 0; r < 4; ++r) {  // columns: (G g) G^T
         buf[(4 * r + 0) * kBlock + e] = a[r][0];
