@@ -146,11 +146,9 @@ DETRCORE_ELEMENTWISE_CLONES void input_planes(const T* __restrict x, T* __restri
   }
 }
 
-// Planes in channel-major order. Each plane's 16 runs of tile values are read into a buffer and transformed in place
-// into each tile's 4x4 patch gradient E[i][j] (padded with a zero tile all round), then every image pixel sums its
-// (up to) four overlapping patches' entries: row 2s + 1 + a and column 2u + 1 + b (a, b in {-1, 0}) take entry
-// (2 + a, 2 + b) of tile (s, u) ... written out row by row, without a zeroing pass. scratch: 16 * (TH + 2) * (TW + 2)
-// + 2 * TW.
+// Planes in channel-major order. Each tile's 16 gradient values (gV) become its 4x4 patch gradient E[i][j], stored
+// with a zero tile all round; then every pixel sums the entries of the (up to) four patches that cover it, written
+// out row by row without a zeroing pass. scratch: 16 * (TH + 2) * (TW + 2) + 2 * TW.
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void input_adjoint_planes(const T* __restrict gV, T* __restrict gx, T* __restrict scratch,
                                                       int64_t p0, int64_t p1, int64_t N, int64_t C, int64_t H,
@@ -187,9 +185,8 @@ DETRCORE_ELEMENTWISE_CLONES void input_adjoint_planes(const T* __restrict gV, T*
     }
     T* plane = gx + (n * C + c) * H * W;
     for (int64_t r = 0; r < H; ++r) {
-      // Image row r = 2s + 1 + a: patch row 2 + a of tile row s (a = -1: row 1 of s; a = 0: row 2 of s) and patch row
-      // a + 0 ... in general: rows i of tile ty with 2 ty - 1 + i = r, i.e. (ty, i) = (r / 2, 1 + r % 2) and
-      // (r / 2 - 1 + r % 2 * 2 ... ) -- spelled out: even r = 2s: (s, 1), (s - 1, 3); odd r = 2s + 1: (s, 2), (s + 1, 0).
+      // Patch row i of tile row ty covers image row 2 ty - 1 + i. So row r = 2s takes (tile row s, patch row 1) and
+      // (s - 1, 3); row r = 2s + 1 takes (s, 2) and (s + 1, 0). The zero tile rows stand in for s - 1 < 0, s + 1 = TH.
       const int64_t s = r / 2;
       const int64_t i_a = r % 2 ? 2 : 1, i_b = r % 2 ? 0 : 3;
       const T* __restrict ra = E + (s + 1) * Gw + 1;                  // tile row s, patch row i_a
