@@ -102,44 +102,27 @@ DETRCORE_ELEMENTWISE_CLONES void input_planes(const T* __restrict x, T* __restri
           od[m] = rows[2 * m + 1];
         }
       }
-      // Patch (ty, tx) row i, column j: j = 0, 1, 2, 3 -> even[tx], odd[tx], even[tx + 1], odd[tx + 1].
-      const T* __restrict e0 = half;
-      const T* __restrict o0 = half + Th;
-      const T* __restrict e1 = half + 2 * Th;
-      const T* __restrict o1 = half + 3 * Th;
-      const T* __restrict e2 = half + 4 * Th;
-      const T* __restrict o2 = half + 5 * Th;
-      const T* __restrict e3 = half + 6 * Th;
-      const T* __restrict o3 = half + 7 * Th;
       T* __restrict o = loc + ty * TW;
-      #pragma GCC ivdep  // the stores' streams never overlap
+#pragma GCC ivdep  // the stores' streams never overlap
       for (int64_t tx = 0; tx < TW; ++tx) {
-        // rows: B^T d (row i of the result, column j)
-        const T a00 = e0[tx] - e2[tx], a01 = o0[tx] - o2[tx], a02 = e0[tx + 1] - e2[tx + 1];
-        const T a03 = o0[tx + 1] - o2[tx + 1];
-        const T a10 = e1[tx] + e2[tx], a11 = o1[tx] + o2[tx], a12 = e1[tx + 1] + e2[tx + 1];
-        const T a13 = o1[tx + 1] + o2[tx + 1];
-        const T a20 = e2[tx] - e1[tx], a21 = o2[tx] - o1[tx], a22 = e2[tx + 1] - e1[tx + 1];
-        const T a23 = o2[tx + 1] - o1[tx + 1];
-        const T a30 = e1[tx] - e3[tx], a31 = o1[tx] - o3[tx], a32 = e1[tx + 1] - e3[tx + 1];
-        const T a33 = o1[tx + 1] - o3[tx + 1];
-        // columns: (B^T d) B
-        o[0 * TP + tx] = a00 - a02;
-        o[1 * TP + tx] = a01 + a02;
-        o[2 * TP + tx] = a02 - a01;
-        o[3 * TP + tx] = a01 - a03;
-        o[4 * TP + tx] = a10 - a12;
-        o[5 * TP + tx] = a11 + a12;
-        o[6 * TP + tx] = a12 - a11;
-        o[7 * TP + tx] = a11 - a13;
-        o[8 * TP + tx] = a20 - a22;
-        o[9 * TP + tx] = a21 + a22;
-        o[10 * TP + tx] = a22 - a21;
-        o[11 * TP + tx] = a21 - a23;
-        o[12 * TP + tx] = a30 - a32;
-        o[13 * TP + tx] = a31 + a32;
-        o[14 * TP + tx] = a32 - a31;
-        o[15 * TP + tx] = a31 - a33;
+        T d[4][4], a[4][4];
+        for (int i = 0; i < 4; ++i) {  // patch row i, columns 0..3: even[tx], odd[tx], even[tx + 1], odd[tx + 1]
+          const T* ev = half + 2 * i * Th;
+          const T* od = ev + Th;
+          d[i][0] = ev[tx], d[i][1] = od[tx], d[i][2] = ev[tx + 1], d[i][3] = od[tx + 1];
+        }
+        for (int j = 0; j < 4; ++j) {  // rows: B^T d
+          a[0][j] = d[0][j] - d[2][j];
+          a[1][j] = d[1][j] + d[2][j];
+          a[2][j] = d[2][j] - d[1][j];
+          a[3][j] = d[1][j] - d[3][j];
+        }
+        for (int r = 0; r < 4; ++r) {  // columns: (B^T d) B
+          o[(4 * r + 0) * TP + tx] = a[r][0] - a[r][2];
+          o[(4 * r + 1) * TP + tx] = a[r][1] + a[r][2];
+          o[(4 * r + 2) * TP + tx] = a[r][2] - a[r][1];
+          o[(4 * r + 3) * TP + tx] = a[r][1] - a[r][3];
+        }
       }
     }
     for (int xi = 0; xi < 16; ++xi) std::copy_n(loc + xi * TP, TP, V + (xi * C + c) * Tn + n * TP);

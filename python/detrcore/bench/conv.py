@@ -2,6 +2,8 @@
 Winograd F(2x2, 3x3) path where it applies) vs torch's nn.Conv2d with the same weights, same run, interleaved."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from detrcore.nn import Conv2d
@@ -30,8 +32,8 @@ def run(repeats: int = 7, shapes=None) -> dict:
 
         samples = time_interleaved({"torch": step(ref), "detrcore": step(ours)}, repeats=repeats)
         rec = {"shape": [n, c, h, w], "path": path, "samples": samples,
-               "torch_ms": 1e3 * sorted(samples["torch"])[len(samples["torch"]) // 2],
-               "detrcore_ms": 1e3 * sorted(samples["detrcore"])[len(samples["detrcore"]) // 2],
+               "torch_ms": 1e3 * statistics.median(samples["torch"]),
+               "detrcore_ms": 1e3 * statistics.median(samples["detrcore"]),
                "speedup": ratio(samples["torch"], samples["detrcore"])}
         records.append(rec)
         rows.append([f"{n}x{c}x{h}x{w}", path, rec["torch_ms"], rec["detrcore_ms"], rec["speedup"]])
