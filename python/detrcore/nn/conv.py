@@ -42,6 +42,16 @@ MAX_POSITIONS, MIN_ROW = 256, 8192
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
 
 
+def _output_size(h: int, w: int, kernel, stride, padding) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution without dilation."""
+    return ((h + 2 * padding[0] - kernel[0]) // stride[0] + 1, (w + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+
+
+def _winograd_tiles(n: int, h: int, w: int) -> int:
+    """The number of 2x2 output tiles of n images of h x w (the transformed tensors' last dimension)."""
+    return n * ((h + 1) // 2) * ((w + 1) // 2)
+
+
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
@@ -67,8 +77,7 @@ class Conv2d(nn.Conv2d):
     def _winograd_applies(self, x: Tensor) -> bool:
         if not self._cpu_fp32_eager(x):
             return False
-        n, _, h, w = x.shape
-        tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+        tiles = _winograd_tiles(x.shape[0], x.shape[2], x.shape[3])
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
                 and tiles * max(self.in_channels, self.out_channels) <= WINOGRAD_MAX_PLANE
@@ -78,8 +87,7 @@ class Conv2d(nn.Conv2d):
         if onednn_linear._ONEDNN is None or not self._cpu_fp32_eager(x):
             return False
         kh, kw = self.kernel_size
-        ho = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
-        wo = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        ho, wo = _output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding)
         return ho > 0 and wo > 0 and x.shape[0] * ho * wo <= MAX_POSITIONS and self.in_channels * kh * kw >= MIN_ROW
 
 
@@ -88,7 +96,7 @@ class _UnfoldConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) -> Tensor:
         B, _, H, W = x.shape
         cout, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
-        ho, wo = (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+        ho, wo = _output_size(H, W, (kh, kw), stride, padding)
         cols = F.unfold(x.detach(), (kh, kw), padding=padding, stride=stride)  # [B, Cin*kh*kw, L]
         rows = cols.transpose(1, 2).reshape(B * ho * wo, -1)  # [B*L, Cin*kh*kw], contiguous
         out = _mm(rows, weight.detach().reshape(cout, -1), None if bias is None else bias.detach())  # [B*L, Cout]
@@ -125,7 +133,7 @@ def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[T
     k, threads = weight.shape[0], _lib.num_threads()
     u = x.new_empty(16, k, c)
     _C.winograd_weight(weight, u, num_threads=threads)
-    v = x.new_empty(16, c, n * ((h + 1) // 2) * ((w + 1) // 2))
+    v = x.new_empty(16, c, _winograd_tiles(n, h, w))
     _C.winograd_input(x, v, num_threads=threads)
     y = x.new_empty(n, k, h, w)
     _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads)
