@@ -480,6 +480,17 @@ DETRCORE_AVX2_INLINE void bwd_lanes(const float* v, float* gv, float* dump, cons
   if constexpr (J < 7) bwd_lanes<kD, J + 1>(v, gv, dump, g, f, dots);
 }
 
+// Prefetches the n bytes from p on (one request per 64-byte line).
+DETRCORE_AVX2_INLINE void prefetch_bytes(const void* p, int n) {
+  for (int i = 0; i < n; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T0);
+}
+
+// How many queries ahead the backward prefetches a query's rows of the per-query arrays. A (b, h) task walks them
+// H rows apart (128 of every 1024 bytes at D = 32, H = 8): the hardware prefetchers miss such strides, and in a
+// training step those arrays come cold from memory. Measured in the Deformable DETR CPU training step (in one
+// process, interleaved): the six layers' MSDA backward 44.2 -> 33.7 ms per step at 4 (2 - 16 within 0.5 ms).
+constexpr int64_t kPrefetchQueries = 4;
+
 // Backward over (b, h) pairs [t0, t1) (see bwd_range; rows rs = D apart in the head-local copies, H * D in place).
 template <int kD, bool kLocal>
 DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t t0, int64_t t1) {
@@ -496,6 +507,12 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
     begin_task<float, kLocal>(A, b, h, kD, local, v, gv);
     for (int64_t q = 0; q < s.Q; ++q) {
       const int64_t bqh = (b * s.Q + q) * s.H + h;
+      if (q + kPrefetchQueries < s.Q) {
+        const int64_t ahead = bqh + kPrefetchQueries * s.H;
+        prefetch_bytes(A.loc + ahead * LP * 2, LP * 2 * 4), prefetch_bytes(A.grad_loc + ahead * LP * 2, LP * 2 * 4);
+        prefetch_bytes(A.attn + ahead * LP, LP * 4), prefetch_bytes(A.grad_attn + ahead * LP, LP * 4);
+        prefetch_bytes(A.grad_out + ahead * kD, kD * 4);
+      }
       __m256 g[kD / 8];
       for (int k = 0; k < kD / 8; ++k) g[k] = _mm256_loadu_ps(A.grad_out + bqh * kD + 8 * k);
       for (int j0 = 0; j0 < LP; j0 += 8) {
