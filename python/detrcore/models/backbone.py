@@ -213,7 +213,8 @@ class ResNet(nn.Module):
             stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+            # detrcore's Conv2d: a strided 1x1 convolution runs on the subsampled input on the CPU (detrcore.nn.conv)
+            downsample = nn.Sequential(Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        FrozenBatchNorm2d(planes * block.expansion))
         layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
         self.inplanes = planes * block.expansion

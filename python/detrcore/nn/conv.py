@@ -14,6 +14,12 @@ every call (forward, input gradient) and the weight gradient back out of it, and
 GFLOP/s. As a matrix product over the unfolded input ([B*L, Cin*k*k] x [Cin*k*k, Cout], oneDNN's matmul, which
 reads the weight as it is) the forward takes 3.4 ms instead of 5.0 and the backward 6.3 instead of 12.
 
+Strided 1x1: a 1x1 convolution with stride s > 1 and no padding (ResNet's downsampling shortcuts) reads only
+every s-th row and column, so in training it runs as a stride-1 1x1 convolution over that subsampled input
+(copied contiguous), with the input gradient scattered back into zeros. torch's oneDNN kernels for the strided
+form are slower, most in the backward; timed inside the CPU benchmark's training step (in one process,
+interleaved with torch's convolution): the three shortcuts' forward + backward 37.3 -> 33.5 ms per step.
+
 Everything else — other shapes and dtypes, autocast, CUDA, groups, dilation, channels-last inputs, torch.compile,
 torch.func — is torch's convolution. Same parameters and names as nn.Conv2d.
 """
@@ -59,6 +65,8 @@ class Conv2d(nn.Conv2d):
                                                 or (b is not None and b.requires_grad))
         if training and self._winograd_applies(x):
             return _WinogradConv.apply(x, w, b)
+        if training and self._strided_1x1_applies(x):
+            return F.conv2d(_Subsample.apply(x, self.stride), w, b)
         if not self._unfold_applies(x):
             return super().forward(x)
         if training:
@@ -82,6 +90,10 @@ class Conv2d(nn.Conv2d):
                 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
                 and tiles * max(self.in_channels, self.out_channels) <= WINOGRAD_MAX_PLANE
                 and x.is_contiguous() and self.weight.is_contiguous())
+
+    def _strided_1x1_applies(self, x: Tensor) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0)
+                and self._cpu_fp32_eager(x))
 
     def _unfold_applies(self, x: Tensor) -> bool:
         if onednn_linear._ONEDNN is None or not self._cpu_fp32_eager(x):
@@ -124,6 +136,23 @@ class _UnfoldConv(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None, None
+
+
+class _Subsample(torch.autograd.Function):
+    """x[:, :, ::sh, ::sw], contiguous; the backward scatters the gradient into zeros of x's shape in one pass
+    (autograd's two slice backwards would build two zero tensors)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, stride) -> Tensor:
+        ctx.shape, ctx.stride = x.shape, stride
+        return x[:, :, :: stride[0], :: stride[1]].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sh, sw = ctx.stride
+        grad_x = grad.new_zeros(ctx.shape)
+        grad_x[:, :, ::sh, ::sw] = grad  # differentiable: create_graph works too
+        return grad_x, None
 
 
 def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
