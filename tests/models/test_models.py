@@ -429,3 +429,84 @@ def test_frozen_batchnorm_under_torch_func():
     xg = x.clone().requires_grad_()
     bn(xg, r, relu=True).square().sum().backward()
     torch.testing.assert_close(got, xg.grad)
+
+
+@pytest.mark.parametrize("conv_kw", [dict(kernel_size=1), dict(kernel_size=3, padding=1, stride=2),
+                                     dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=7, padding=3,
+                                                                                      stride=2, bias=True)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_bn_folds_when_nothing_needs_a_gradient(conv_kw, residual, relu):
+    """conv_bn: with no gradient needed, one oneDNN convolution with the BN folded into weight and bias and the
+    residual add / ReLU fused: the values of bn(conv(x), r, relu) in float64; with a gradient, the unfused path."""
+    from detrcore.models import backbone as bb
+
+    if bb._POINTWISE is None:
+        pytest.skip("torch's oneDNN pointwise convolution unavailable here")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 6, bias=conv_kw.pop("bias", False), **conv_kw)
+    bn = _frozen_bn()
+    x = torch.randn(2, 5, 11, 9)
+    out_hw = conv(x).shape
+    r = torch.randn(out_hw) if residual else None
+    calls = []
+    ops = bb._POINTWISE
+    bb._POINTWISE = tuple((lambda op: lambda *a: calls.append(1) or op(*a))(op) for op in ops)
+    try:
+        with torch.no_grad():
+            got = bb.conv_bn(conv, bn, x, r, relu=relu)
+        assert calls, "the folded convolution did not run"
+        calls.clear()
+        x.requires_grad_()  # a gradient needed: the unfused convolution, then the BN
+        unfused = bb.conv_bn(conv, bn, x, r, relu=relu)
+        assert not calls and unfused.grad_fn is not None
+    finally:
+        bb._POINTWISE = ops
+    c64, bn64 = conv.double(), bn.double()
+    want = bn64._torch_forward(c64(x.detach().double()), None if r is None else r.double(), relu)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unfused.detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bn_refolds_when_a_tensor_changes_and_leaves_other_cases_unfused():
+    from detrcore.models import backbone as bb
+
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(4, 6, 1, bias=False), _frozen_bn()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        first = bb.conv_bn(conv, bn, x)
+        conv.weight.mul_(2)  # in place: a new version of the weight
+        bn.running_mean.add_(1)
+        second = bb.conv_bn(conv, bn, x)
+        torch.testing.assert_close(second, bn(conv(x)), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(first, second)
+        for other in (x.double(), x.contiguous(memory_format=torch.channels_last)):
+            assert not bb._conv_bn_folds(conv.to(other.dtype), bn.to(other.dtype), other, None)
+            conv.float(), bn.float()
+        assert not bb._conv_bn_folds(conv, bn, x, torch.randn(1, 6, 5, 4))  # residual of another shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not bb._conv_bn_folds(conv, bn, x, None)
+
+
+def test_resnet_inference_with_folded_convolutions_matches_the_unfused_backbone():
+    from detrcore.models import backbone as bb
+
+    torch.manual_seed(0)
+    for depth in ("resnet18", "resnet50"):
+        body = bb.ResNet(depth).eval()
+        for m in body.modules():
+            if isinstance(m, bb.FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(2, 3, 70, 90)
+        ops = bb._POINTWISE
+        with torch.no_grad():
+            folded = body.forward_stages(x)
+            bb._POINTWISE = None
+            try:
+                unfused = body.forward_stages(x)
+            finally:
+                bb._POINTWISE = ops
+        for a, b in zip(folded, unfused):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
