@@ -372,7 +372,7 @@ void inverse_sigmoid_backward(py::handle grad_, py::handle x_, py::handle gx_, d
 
 // ---------------------------------------------------------------------------------------------------------
 // Dropout (CPU only: on CUDA, torch's own fused dropout is used by the Python layer). float32, float64 and
-// bfloat16 (what CPU autocast produces).
+// bfloat16 (what CPU autocast produces). The output may be the first input itself (in place), nothing else of it.
 struct DropoutParams {
   uint32_t threshold;
   double scale;
@@ -396,6 +396,8 @@ DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::ini
     check_contiguous(*v);
     check_writable(*v);
     check_same_shape(ref, *v);
+    const size_t bytes = ref.dtype == DType::f64 ? 8 : ref.dtype == DType::f32 ? 4 : 2;
+    for (const View* in : inputs) check_no_overlap(*in, *v, bytes, in == *inputs.begin());  // the first: in place
   }
   if (!(p >= 0.0 && p < 1.0)) throw ValueError("dropout: p must be in [0, 1), got " + std::to_string(p));
   const double t = p * 4294967296.0;  // drop when the 32-bit draw < t

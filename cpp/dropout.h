@@ -8,7 +8,8 @@
 //   dropout:            y = relu ? max(x, 0) * keep * scale : x * keep * scale
 //   dropout_bwd:        grad_x = grad * keep * scale                  (the mask regenerated from `seed`)
 //   relu_dropout_bwd:   grad_x = y > 0 ? grad * scale : 0             (y > 0 exactly where x > 0 and kept)
-// All pointers address contiguous memory; T = float, double, or BFloat16 (bfloat16 bits, computed in float and
+// All pointers address contiguous memory; the output may be the input (y == x, grad_x == grad: in place), y of
+// relu_dropout_bwd not. T = float, double, or BFloat16 (bfloat16 bits, computed in float and
 // rounded once to nearest-even, as torch does: the dtype CPU autocast produces).
 #pragma once
 #include <cstdint>

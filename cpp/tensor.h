@@ -176,6 +176,16 @@ inline void check_contiguous(const View& v) {
 inline void check_writable(const View& v) {
   if (v.readonly) throw ValueError(arg(v) + " is read-only");
 }
+// Contiguous out and in share no element, or (allow_same: an in-place elementwise op) are exactly the same elements.
+inline void check_no_overlap(const View& in, const View& out, size_t elem_bytes, bool allow_same) {
+  const char* a = static_cast<const char*>(in.data);
+  const char* b = static_cast<const char*>(out.data);
+  const size_t na = static_cast<size_t>(in.numel()) * elem_bytes, nb = static_cast<size_t>(out.numel()) * elem_bytes;
+  if (!na || !nb || a >= b + nb || b >= a + na) return;
+  if (allow_same && a == b && na == nb) return;
+  throw ValueError(arg(out) + " overlaps " + arg(in) +
+                   (allow_same ? ": give the same tensor (in place) or a separate one" : ": give a separate tensor"));
+}
 inline void check_float(const View& v, bool allow_half) {
   bool ok = v.dtype == DType::f32 || v.dtype == DType::f64 ||
             (allow_half && (v.dtype == DType::f16 || v.dtype == DType::bf16));

@@ -138,6 +138,42 @@ def test_native_entry_points_check_their_arguments():
         ops.dropout([1.0, 2.0], 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 4097, 70001])  # odd lengths: the pairwise draws' edges
+def test_native_kernels_run_in_place_and_reject_partial_overlap(dtype, n):
+    """out may be the input itself (the fused feed-forward block masks its own buffers in place): the same
+    values as out of place, for every kernel; an output overlapping an input otherwise is a named error."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g).to(dtype)
+    grad = torch.randn(n, generator=g).to(dtype)
+    for relu in (False, True):
+        want = torch.empty_like(x)
+        _C.dropout(x, want, 11, 0.3, relu)
+        got = x.clone()
+        _C.dropout(got, got, 11, 0.3, relu)
+        assert torch.equal(got, want)
+    want = torch.empty_like(grad)
+    _C.dropout_backward(grad, want, 11, 0.3)
+    got = grad.clone()
+    _C.dropout_backward(got, got, 11, 0.3)
+    assert torch.equal(got, want)
+    y = torch.empty_like(x)
+    _C.dropout(x, y, 11, 0.3, True)
+    want = torch.empty_like(grad)
+    _C.relu_dropout_backward(grad, y, want, 0.3)
+    got = grad.clone()
+    _C.relu_dropout_backward(got, y, got, 0.3)
+    assert torch.equal(got, want)
+    if n > 1:
+        buf = torch.randn(n + 1).to(dtype)
+        with pytest.raises(ValueError, match="overlaps"):
+            _C.dropout(buf[:n], buf[1:], 11, 0.3, False)
+        with pytest.raises(ValueError, match="overlaps"):
+            _C.dropout_backward(buf[1:], buf[:n], 11, 0.3)
+        with pytest.raises(ValueError, match="overlaps output"):
+            _C.relu_dropout_backward(grad, y, y, 0.3)  # only the gradient may be overwritten
+
+
 def test_opcheck():
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(42)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, Linear, MSDeformAttn, MultiheadAttention, TokenPacking
+from detrcore.nn import Dropout, Linear, MSDeformAttn, MultiheadAttention, TokenPacking, feed_forward
 from detrcore.ops import inverse_sigmoid
 
 from .transformer import clones, with_pos
@@ -102,7 +102,7 @@ class DeformableEncoderLayer(nn.Module):
         attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
                               padding_mask, packing)
         src = self.norm1(src + self.dropout1(attn))
-        return self.norm2(src + self.dropout3(self.linear2(self.act_dropout(self.linear1(src)))))
+        return self.norm2(src + self.dropout3(feed_forward(src, self.linear1, self.act_dropout, self.linear2)))
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -124,7 +124,7 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src, spatial_shapes, level_start_index,
                                padding_mask, packing)
         tgt = self.norm1(tgt + self.dropout1(attn))
-        return self.norm3(tgt + self.dropout4(self.linear2(self.act_dropout(self.linear1(tgt)))))
+        return self.norm3(tgt + self.dropout4(feed_forward(tgt, self.linear1, self.act_dropout, self.linear2)))
 
 
 class DeformableTransformer(nn.Module):

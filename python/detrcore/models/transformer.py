@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, Linear, MultiheadAttention, linear
+from detrcore.nn import Dropout, Linear, MultiheadAttention, feed_forward, linear
 from detrcore.ops._lib import eager_fast_path
 
 
@@ -116,7 +116,7 @@ class EncoderLayer(nn.Module):
         if not self.pre_norm:
             src = self.norm1(src)
         x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(self.linear2(self.act_dropout(self.linear1(x))))
+        src = src + self.dropout2(feed_forward(x, self.linear1, self.act_dropout, self.linear2))
         return src if self.pre_norm else self.norm2(src)
 
 
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
         if not self.pre_norm:
             tgt = self.norm2(tgt)
         x = self.norm3(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout3(self.linear2(self.act_dropout(self.linear1(x))))
+        tgt = tgt + self.dropout3(feed_forward(x, self.linear1, self.act_dropout, self.linear2))
         return tgt if self.pre_norm else self.norm3(tgt)
 
 

@@ -2,7 +2,8 @@
 from .attention import MultiheadAttention
 from .dropout import Dropout
 from .conv import Conv2d
+from .ffn import feed_forward
 from .onednn_linear import Linear, linear
 from .ms_deform_attn import MSDeformAttn, TokenPacking
 
-__all__ = ["Conv2d", "Dropout", "Linear", "MSDeformAttn", "MultiheadAttention", "TokenPacking", "linear"]
+__all__ = ["Conv2d", "Dropout", "Linear", "MSDeformAttn", "MultiheadAttention", "TokenPacking", "feed_forward", "linear"]
