@@ -70,6 +70,14 @@ def test_gradcheck_float64(relu):
     x = torch.randn(4, 9, 5, dtype=torch.float64, generator=gen(8))
     x = torch.where(x.abs() < 1e-3, 0.5, x).requires_grad_()  # away from ReLU's kink
     assert torch.autograd.gradcheck(lambda t: ops.dropout(t, 0.3, relu=relu, generator=gen(9)), (x,))
+    # double backward: the backward ops are their own derivatives (the same mask)
+    assert torch.autograd.gradgradcheck(lambda t: ops.dropout(t, 0.3, relu=relu, generator=gen(9)), (x,))
+    m = Dropout(0.3, relu=relu)  # the eager module path too
+    xf = x.detach().float().requires_grad_()
+    (g,) = torch.autograd.grad(m(xf).square().sum(), xf, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), xf)
+    kept = (g != 0).float()  # d/dx sum(2 y dy/dx) = 2 (dy/dx)^2: the scale squared where kept
+    torch.testing.assert_close(h, kept * 2 / 0.7**2)
 
 
 def test_same_seed_same_mask_regardless_of_threads_and_length():

@@ -67,6 +67,32 @@ def _(grad, output, p):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
+# The backward ops are linear in the gradient with the same mask: each is its own derivative (double backward;
+# the saved output / seed get no gradient: the mask is piecewise constant in them).
+def _dropout_backward_setup(ctx, inputs, output):
+    _, seed, ctx.p = inputs
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _dropout_backward(grad, seed, ctx.p), None, None
+
+
+def _relu_dropout_backward_setup(ctx, inputs, output):
+    _, out, ctx.p = inputs
+    ctx.save_for_backward(out)
+
+
+def _relu_dropout_backward_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _relu_dropout_backward(grad, out, ctx.p), None, None
+
+
+_dropout_backward.register_autograd(_dropout_backward_backward, setup_context=_dropout_backward_setup)
+_relu_dropout_backward.register_autograd(_relu_dropout_backward_backward, setup_context=_relu_dropout_backward_setup)
+
+
 def _setup_context(ctx, inputs, output):
     _, seed, ctx.p, ctx.relu = inputs
     ctx.save_for_backward(output if ctx.relu else seed)
