@@ -34,6 +34,7 @@ class TokenPacking:
         valid = ~padding_mask
         self.batch, self.length = padding_mask.shape
         self.index = valid.flatten().nonzero().squeeze(1)  # [N] positions in the flattened [B * S]
+        self.padding = padding_mask.flatten().nonzero().squeeze(1)  # the others
         self.counts = valid.sum(1).tolist()  # valid positions per image
         self.num_valid = sum(self.counts)
 
@@ -47,8 +48,9 @@ class TokenPacking:
         """[N, ...] -> [B, S, ...] with zeros at the padded positions."""
         if x.shape[0] != self.num_valid:
             raise ValueError(f"expected {self.num_valid} packed positions, got shape {tuple(x.shape)}")
-        full = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy_(0, self.index, x)  # no clone
-        return full.view(self.batch, self.length, *x.shape[1:])
+        # Zeros written at the padded rows only (a zero-filled tensor would write the valid ones twice).
+        full = x.new_empty(self.batch * self.length, *x.shape[1:]).index_fill_(0, self.padding, 0)
+        return full.index_copy_(0, self.index, x).view(self.batch, self.length, *x.shape[1:])  # no clone
 
 
 class MSDeformAttn(nn.Module):
