@@ -183,3 +183,36 @@ def test_double_backward_matches_f_linear():
 
     for ours, theirs in zip(second_order(linear), second_order(F.linear)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # values ~10-100: float32 order
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(2660, 256, 1024), (2660, 384, 256), (4096, 8, 3),
+                                                               (2661, 256, 256), (600, 256, 256), (2660, 1024, 256)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_weight_grad_matches_the_product(rows, out_features, in_features, threads):
+    """weight_grad = g^T x: split over the long axis (one bmm batch per thread, partial products summed) where the
+    measured regime applies (an even split of >= 1024 rows per thread, <= 512 outputs), mm elsewhere (odd split,
+    short, many outputs, one thread): the float64 product either way."""
+    g_ = torch.Generator().manual_seed(rows + threads)
+    g = torch.randn(rows, out_features, generator=g_)
+    x = torch.randn(rows, in_features, generator=g_)
+    before = torch.get_num_threads()
+    calls = []
+    real_bmm = torch.bmm
+    torch.bmm = lambda *a: calls.append(1) or real_bmm(*a)
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():  # as in a backward without create_graph
+            got = linear_module.weight_grad(g, x)
+        assert bool(calls) == (threads >= 2 and rows % threads == 0 and rows // threads >= 1024
+                               and out_features <= 512)
+        calls.clear()
+        linear_module.weight_grad(g, x)  # grad mode on (create_graph): the plain product
+        assert not calls
+    finally:
+        torch.bmm = real_bmm
+        torch.set_num_threads(before)
+    want = g.double().t().mm(x.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    # a transposed (non-contiguous) operand: the plain product
+    torch.testing.assert_close(linear_module.weight_grad(g, x.t().contiguous().t()).double(), want, rtol=1e-4,
+                               atol=1e-3)

@@ -20,7 +20,7 @@ from detrcore.ops import _lib
 from detrcore.ops._lib import _C
 
 from .dropout import Dropout
-from .onednn_linear import _mm, onednn_applies
+from .onednn_linear import _mm, onednn_applies, weight_grad
 
 
 def feed_forward(x: Tensor, linear1: nn.Linear, act_dropout: Dropout, linear2: nn.Linear) -> Tensor:
@@ -59,7 +59,7 @@ class _FeedForward(torch.autograd.Function):
         # dropout's, linear1's.
         need_h = need_x or need_w1 or need_b1
         grad_h = _mm(g, w2.t(), None) if need_h else None  # [M, F], ours alone: masked in place below
-        grad_w2 = g.t().mm(hidden) if need_w2 else None
+        grad_w2 = weight_grad(g, hidden) if need_w2 else None
         grad_b2 = g.sum(0) if need_b2 else None
         grad_x = grad_w1 = grad_b1 = None
         if need_h:
@@ -67,7 +67,7 @@ class _FeedForward(torch.autograd.Function):
             if need_x:
                 grad_x = _mm(grad_h, w1.t(), None).view(x.shape)
             if need_w1:
-                grad_w1 = grad_h.t().mm(x.reshape(-1, x.shape[-1]))
+                grad_w1 = weight_grad(grad_h, x.reshape(-1, x.shape[-1]).contiguous())
             if need_b1:
                 grad_b1 = grad_h.sum(0)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
