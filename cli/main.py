@@ -83,7 +83,9 @@ def _load_run(checkpoint: str):
     cfg.model.backbone_weights = None  # the checkpoint holds every weight
     model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt
+    # Inference only: frozen (no parameter needs a gradient), so the backbone runs its convolutions with the frozen
+    # BN folded in (detrcore.models.backbone.conv_bn).
+    return model.eval().requires_grad_(False), cfg, ckpt
 
 
 def _image_batch(path: str, cfg):

@@ -444,7 +444,7 @@ def test_conv_bn_folds_when_nothing_needs_a_gradient(conv_kw, residual, relu):
     if bb._POINTWISE is None:
         pytest.skip("torch's oneDNN pointwise convolution unavailable here")
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(5, 6, bias=conv_kw.pop("bias", False), **conv_kw)
+    conv = torch.nn.Conv2d(5, 6, bias=conv_kw.pop("bias", False), **conv_kw).requires_grad_(False)  # frozen
     bn = _frozen_bn()
     x = torch.randn(2, 5, 11, 9)
     out_hw = conv(x).shape
@@ -457,6 +457,11 @@ def test_conv_bn_folds_when_nothing_needs_a_gradient(conv_kw, residual, relu):
             got = bb.conv_bn(conv, bn, x, r, relu=relu)
         assert calls, "the folded convolution did not run"
         calls.clear()
+        conv.requires_grad_(True)  # trainable, even under no_grad: unfused
+        with torch.no_grad():
+            bb.conv_bn(conv, bn, x, r, relu=relu)
+        assert not calls
+        conv.requires_grad_(False)
         x.requires_grad_()  # a gradient needed: the unfused convolution, then the BN
         unfused = bb.conv_bn(conv, bn, x, r, relu=relu)
         assert not calls and unfused.grad_fn is not None
@@ -472,7 +477,7 @@ def test_conv_bn_refolds_when_a_tensor_changes_and_leaves_other_cases_unfused():
     from detrcore.models import backbone as bb
 
     torch.manual_seed(0)
-    conv, bn = torch.nn.Conv2d(4, 6, 1, bias=False), _frozen_bn()
+    conv, bn = torch.nn.Conv2d(4, 6, 1, bias=False).requires_grad_(False), _frozen_bn()
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         first = bb.conv_bn(conv, bn, x)
@@ -487,6 +492,13 @@ def test_conv_bn_refolds_when_a_tensor_changes_and_leaves_other_cases_unfused():
         assert not bb._conv_bn_folds(conv, bn, x, torch.randn(1, 6, 5, 4))  # residual of another shape
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not bb._conv_bn_folds(conv, bn, x, None)
+    # a frozen convolution's folded weight is kept until its weight changes
+    w1, _ = bn.folded(conv)
+    assert bn.folded(conv)[0] is w1
+    with torch.no_grad():
+        conv.weight.add_(1)
+    w2, _ = bn.folded(conv)
+    assert w2 is not w1 and torch.equal(w2, conv.weight * bn.affine()[0].view(-1, 1, 1, 1))
 
 
 def test_resnet_inference_with_folded_convolutions_matches_the_unfused_backbone():
@@ -494,7 +506,7 @@ def test_resnet_inference_with_folded_convolutions_matches_the_unfused_backbone(
 
     torch.manual_seed(0)
     for depth in ("resnet18", "resnet50"):
-        body = bb.ResNet(depth).eval()
+        body = bb.ResNet(depth).eval().requires_grad_(False)  # frozen for inference: the folded path
         for m in body.modules():
             if isinstance(m, bb.FrozenBatchNorm2d):
                 m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_()

@@ -73,16 +73,17 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 # Split-K weight gradients (weight_grad): the regime measured to gain, timed inside the CPU training step (2 threads,
 # Zen 4, in one process against `mm`): a long inner dimension of at least this many rows per thread, and at most this
 # many output features. [256, 2660] x [2660, 1024]: 53.3 -> 48.5 ms per step, [256, 2660] x [2660, 256]: 38.4 ->
-# 35.9, [384, 2660] x [2660, 256]: 18.0 -> 17.3; no faster with 1024 outputs (1.03x) or 600 rows (1.07-1.13x).
+# 35.9, [384, 2660] x [2660, 256]: 18.0 -> 17.3; slower with 1024 outputs (1.03x the time) or 600 rows (1.07-1.13x).
 SPLIT_K_MIN_ROWS, SPLIT_K_MAX_OUT = 1024, 512
 
 
 def weight_grad(g: Tensor, x: Tensor) -> Tensor:
     """g^T x: a linear layer's weight gradient from its output gradient g [M, N] and input x [M, K] -> [N, K].
 
-    With a long M and few outputs, MKL's `mm` splits the small output between the threads, each streaming all M
-    rows of its operands; here each thread (one batch of a `bmm`) takes its share of the M rows whole, and the
-    partial products are summed (float rounding differs from `mm` by the summation order only)."""
+    With a long M and few outputs (the regime above) as one partial product per thread over its share of the M
+    rows (the batches of one `bmm`), summed: faster there than `mm`, which divides the small output between the
+    threads instead. Float rounding differs from `mm` by the summation order only; elsewhere (and with
+    create_graph) `mm`."""
     M, N = g.shape
     threads = torch.get_num_threads()
     if (threads < 2 or M % threads or M // threads < SPLIT_K_MIN_ROWS or N > SPLIT_K_MAX_OUT or not g.is_contiguous()
