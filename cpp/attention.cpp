@@ -11,8 +11,10 @@
 // a)^T dO. Every product is a sum of scaled vector rows, with up to four outputs sharing each loaded vector.
 //
 // The loops use 32-byte GCC / Clang vector types (AVX registers in the x86-64-v3 / v4 clones, SSE pairs in the
-// baseline); float's exp is a branch-free polynomial on them (below), double's is std::exp. Measured at Deformable
-// DETR's decoder shape (2 x 300 queries, 8 heads of 32, 2 threads, Zen 4): forward 1.9 ms, backward 3.0 ms.
+// baseline); float's exp is a branch-free polynomial on them (below), double's is std::exp. The float32 backward on
+// AVX-512 CPUs runs its products over 4-vector chunks (16 sums: AVX-512's 32 registers hold them). Measured at
+// Deformable DETR's decoder shape (2 x 300 queries, 8 heads of 32, 2 threads, Zen 4): forward 1.7 ms, backward 2.4
+// (2.8 with 2-vector chunks).
 #include "attention.h"
 
 #include <algorithm>
@@ -252,56 +254,59 @@ inline __attribute__((always_inline)) void weighted_rows2(const T* __restrict__ 
   }
 }
 
-// Four rows at once over 2-vector chunks (eight sums; each loaded vector feeds four multiply-adds): the forward's
-// and the backward's main products. x and y rows are xs / ys apart; w rows wr apart (elements ws apart within).
-template <typename T>
+// Four rows at once over chunks of kVecs vectors (4 * kVecs sums; each loaded vector feeds four multiply-adds): the
+// forward's and the backward's main products. x and y rows are xs / ys apart; w rows wr apart (elements ws apart
+// within). kVecs = 2 fits AVX2's 16 registers; the backward runs kVecs = 4 where AVX-512 gives 32 (see
+// attention_bwd_cpu).
+template <int kVecs, typename T>
 inline __attribute__((always_inline)) void rows4_times_transposed(const T* __restrict__ x, int64_t xs,
                                                                   const T* __restrict__ mt, int64_t ld, int64_t D,
                                                                   int64_t n, T* __restrict__ s, int64_t ss) {
   constexpr int64_t W = kLanes<T>;
-  for (int64_t j0 = 0; j0 < n; j0 += 2 * W) {
-    Vec<T> a0 = {}, a1 = {}, b0 = {}, b1 = {}, c0 = {}, c1 = {}, d0 = {}, d1 = {};
+  static_assert(kChunk % (kVecs * W) == 0, "ld must hold whole chunks");
+  for (int64_t j0 = 0; j0 < n; j0 += kVecs * W) {
+    Vec<T> a[4][kVecs] = {};
     const T* m = mt + j0;
     for (int64_t c = 0; c < D; ++c, m += ld) {
-      const Vec<T> m0 = vload(m), m1 = vload(m + W);
-      const T x0 = x[c], x1 = x[xs + c], x2 = x[2 * xs + c], x3 = x[3 * xs + c];
-      a0 += x0 * m0, a1 += x0 * m1, b0 += x1 * m0, b1 += x1 * m1;
-      c0 += x2 * m0, c1 += x2 * m1, d0 += x3 * m0, d1 += x3 * m1;
+      Vec<T> mv[kVecs];
+      for (int v = 0; v < kVecs; ++v) mv[v] = vload(m + v * W);
+      for (int r = 0; r < 4; ++r) {
+        const T xr = x[r * xs + c];
+        for (int v = 0; v < kVecs; ++v) a[r][v] += xr * mv[v];
+      }
     }
-    if (j0 + 2 * W <= n) {
-      vstore(s + j0, a0), vstore(s + j0 + W, a1), vstore(s + ss + j0, b0), vstore(s + ss + j0 + W, b1);
-      vstore(s + 2 * ss + j0, c0), vstore(s + 2 * ss + j0 + W, c1);
-      vstore(s + 3 * ss + j0, d0), vstore(s + 3 * ss + j0 + W, d1);
-    } else {  // the last, partial chunk
-      T tmp[8 * W];
-      vstore(tmp, a0), vstore(tmp + W, a1), vstore(tmp + 2 * W, b0), vstore(tmp + 3 * W, b1);
-      vstore(tmp + 4 * W, c0), vstore(tmp + 5 * W, c1), vstore(tmp + 6 * W, d0), vstore(tmp + 7 * W, d1);
-      for (int64_t r = 0; r < 4; ++r)
-        for (int64_t jj = 0; jj < n - j0; ++jj) s[r * ss + j0 + jj] = tmp[2 * W * r + jj];
+    for (int r = 0; r < 4; ++r) {
+      if (j0 + kVecs * W <= n) {
+        for (int v = 0; v < kVecs; ++v) vstore(s + r * ss + j0 + v * W, a[r][v]);
+      } else {  // the last, partial chunk
+        T tmp[kVecs * W];
+        for (int v = 0; v < kVecs; ++v) vstore(tmp + v * W, a[r][v]);
+        for (int64_t jj = 0; jj < n - j0; ++jj) s[r * ss + j0 + jj] = tmp[jj];
+      }
     }
   }
 }
 
-template <typename T>
+template <int kVecs, typename T>
 inline __attribute__((always_inline)) void weighted_rows4(const T* __restrict__ w, int64_t wr, int64_t ws,
                                                           const T* __restrict__ rows, int64_t n, int64_t D, T scale,
                                                           T* __restrict__ y, int64_t ys) {
   constexpr int64_t W = kLanes<T>;
   int64_t c0 = 0;
-  for (; c0 + 2 * W <= D; c0 += 2 * W) {
-    Vec<T> a0 = {}, a1 = {}, b0 = {}, b1 = {}, e0 = {}, e1 = {}, d0 = {}, d1 = {};
+  for (; c0 + kVecs * W <= D; c0 += kVecs * W) {
+    Vec<T> a[4][kVecs] = {};
     const T* r = rows + c0;
     const T* wj = w;
     for (int64_t j = 0; j < n; ++j, r += D, wj += ws) {
-      const Vec<T> r0 = vload(r), r1 = vload(r + W);
-      const T u0 = wj[0], u1 = wj[wr], u2 = wj[2 * wr], u3 = wj[3 * wr];
-      a0 += u0 * r0, a1 += u0 * r1, b0 += u1 * r0, b1 += u1 * r1;
-      e0 += u2 * r0, e1 += u2 * r1, d0 += u3 * r0, d1 += u3 * r1;
+      Vec<T> rv[kVecs];
+      for (int v = 0; v < kVecs; ++v) rv[v] = vload(r + v * W);
+      for (int q = 0; q < 4; ++q) {
+        const T u = wj[q * wr];
+        for (int v = 0; v < kVecs; ++v) a[q][v] += u * rv[v];
+      }
     }
-    vstore(y + c0, a0 * scale), vstore(y + c0 + W, a1 * scale);
-    vstore(y + ys + c0, b0 * scale), vstore(y + ys + c0 + W, b1 * scale);
-    vstore(y + 2 * ys + c0, e0 * scale), vstore(y + 2 * ys + c0 + W, e1 * scale);
-    vstore(y + 3 * ys + c0, d0 * scale), vstore(y + 3 * ys + c0 + W, d1 * scale);
+    for (int q = 0; q < 4; ++q)
+      for (int v = 0; v < kVecs; ++v) vstore(y + q * ys + c0 + v * W, a[q][v] * scale);
   }
   if (c0 < D)  // the rest of the channels, one row at a time
     for (int64_t r = 0; r < 4; ++r) weighted_rows(w + r * wr, rows + c0, n, D, scale, y + r * ys + c0, D - c0, ws);
@@ -371,11 +376,11 @@ inline __attribute__((always_inline)) void fwd_task(const AttnArgs<T>& a, int64_
   for (; i + 4 <= i1; i += 4) {
     T* o0 = out + (b * a.Lq + i) * E + h * D;
     for (int64_t r = 0; r < 4; ++r) scaled_q(i + r, qs + r * D);
-    rows4_times_transposed(qs, D, kt, ld, D, Lk, s, ld);
+    rows4_times_transposed<2>(qs, D, kt, ld, D, Lk, s, ld);
     bool ok[4], all = true;
     for (int64_t r = 0; r < 4; ++r) all &= ok[r] = softmax_row(i + r, s + r * ld);
     if (all) {
-      weighted_rows4(s, ld, int64_t(1), vr, Lk, D, T(1), o0, E);
+      weighted_rows4<2>(s, ld, int64_t(1), vr, Lk, D, T(1), o0, E);
     } else {
       for (int64_t r = 0; r < 4; ++r)
         if (ok[r]) weighted_rows(s + r * ld, vr, Lk, D, T(1), o0 + r * E);
@@ -400,7 +405,7 @@ inline __attribute__((always_inline)) void fwd_task(const AttnArgs<T>& a, int64_
   }
 }
 
-template <typename T>
+template <int kVecs, typename T>
 inline __attribute__((always_inline)) void bwd_task(const AttnArgs<T>& a, int64_t bh, const T* grad_out,
                                                     const T* attn, T* grad_q, T* grad_k, T* grad_v) {
   const int64_t b = bh / a.H, h = bh % a.H;
@@ -426,7 +431,7 @@ inline __attribute__((always_inline)) void bwd_task(const AttnArgs<T>& a, int64_
   for (int64_t i = 0; i < Lq; i += 4) {
     const int64_t R = std::min<int64_t>(4, Lq - i);
     if (R == 4) {
-      rows4_times_transposed(go + i * D, D, vt, ld, D, Lk, ds + i * ld, ld);
+      rows4_times_transposed<kVecs>(go + i * D, D, vt, ld, D, Lk, ds + i * ld, ld);
     } else {
       for (int64_t r = i; r < i + R; ++r) row_times_transposed(go + r * D, vt, ld, D, Lk, ds + r * ld);
     }
@@ -451,7 +456,7 @@ inline __attribute__((always_inline)) void bwd_task(const AttnArgs<T>& a, int64_
     }
     T* gq = grad_q + (b * Lq + i) * E + h * D;
     if (R == 4) {
-      weighted_rows4(ds + i * ld, ld, int64_t(1), kr, Lk, D, scale, gq, E);
+      weighted_rows4<kVecs>(ds + i * ld, ld, int64_t(1), kr, Lk, D, scale, gq, E);
     } else {
       for (int64_t r = 0; r < R; ++r) weighted_rows(ds + (i + r) * ld, kr, Lk, D, scale, gq + r * E);
     }
@@ -461,8 +466,8 @@ inline __attribute__((always_inline)) void bwd_task(const AttnArgs<T>& a, int64_
     T* gk = grad_k + (b * Lk + j) * E + h * D;
     T* gv = grad_v + (b * Lk + j) * E + h * D;
     if (j + 4 <= Lk) {
-      weighted_rows4(ds + j, int64_t(1), ld, qs, Lq, D, T(1), gk, E);
-      weighted_rows4(pd + j, int64_t(1), ld, go, Lq, D, T(1), gv, E);
+      weighted_rows4<kVecs>(ds + j, int64_t(1), ld, qs, Lq, D, T(1), gk, E);
+      weighted_rows4<kVecs>(pd + j, int64_t(1), ld, go, Lq, D, T(1), gv, E);
     } else {
       for (int64_t r = 0; j + r < Lk; ++r) {
         weighted_rows(ds + j + r, qs, Lq, D, T(1), gk + r * E, -1, ld);
@@ -482,11 +487,28 @@ DETRCORE_ATTN_CLONES void fwd_range_f64(const AttnArgs<double>& a, int64_t t0, i
 }
 DETRCORE_ATTN_CLONES void bwd_range_f32(const AttnArgs<float>& a, int64_t t0, int64_t t1, const float* go,
                                         const float* attn, float* gq, float* gk, float* gv) {
-  for (int64_t t = t0; t < t1; ++t) bwd_task(a, t, go, attn, gq, gk, gv);
+  for (int64_t t = t0; t < t1; ++t) bwd_task<2>(a, t, go, attn, gq, gk, gv);
 }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// The backward with 4-vector chunks (16 sums in registers: AVX-512's 32 vector registers hold them, AVX2's 16 would
+// spill): at Deformable DETR's decoder shape (2 x 300 queries, 8 heads of 32, 2 threads, Zen 4) 2.72 -> 2.39 ms.
+// The forward gained nothing from it (1.68 ms either way) and keeps 2-vector chunks.
+__attribute__((target("arch=x86-64-v4"))) void bwd_range_f32_wide(const AttnArgs<float>& a, int64_t t0, int64_t t1,
+                                                                   const float* go, const float* attn, float* gq,
+                                                                   float* gk, float* gv) {
+  for (int64_t t = t0; t < t1; ++t) bwd_task<4>(a, t, go, attn, gq, gk, gv);
+}
+const bool g_wide_backward = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
+                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                              __builtin_cpu_supports("avx512bw"));
+#else
+constexpr bool g_wide_backward = false;
+void bwd_range_f32_wide(const AttnArgs<float>&, int64_t, int64_t, const float*, const float*, float*, float*,
+                        float*) {}
+#endif
 DETRCORE_ATTN_CLONES void bwd_range_f64(const AttnArgs<double>& a, int64_t t0, int64_t t1, const double* go,
                                         const double* attn, double* gq, double* gk, double* gv) {
-  for (int64_t t = t0; t < t1; ++t) bwd_task(a, t, go, attn, gq, gk, gv);
+  for (int64_t t = t0; t < t1; ++t) bwd_task<2>(a, t, go, attn, gq, gk, gv);
 }
 inline void fwd_range(const AttnArgs<float>& a, int64_t t0, int64_t t1, int64_t per, float* o, float* at) {
   fwd_range_f32(a, t0, t1, per, o, at);
@@ -496,6 +518,7 @@ inline void fwd_range(const AttnArgs<double>& a, int64_t t0, int64_t t1, int64_t
 }
 inline void bwd_range(const AttnArgs<float>& a, int64_t t0, int64_t t1, const float* go, const float* at, float* gq,
                       float* gk, float* gv) {
+  if (g_wide_backward && a.D % (4 * kLanes<float>) == 0) return bwd_range_f32_wide(a, t0, t1, go, at, gq, gk, gv);
   bwd_range_f32(a, t0, t1, go, at, gq, gk, gv);
 }
 inline void bwd_range(const AttnArgs<double>& a, int64_t t0, int64_t t1, const double* go, const double* at,

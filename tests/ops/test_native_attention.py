@@ -43,6 +43,7 @@ SHAPES = [  # B, Lq, Lk, H, D
     (2, 3, 2, 2, 8),  # fewer rows / keys than a block of four
     (1, 9, 70, 2, 40),  # 40 channels: a 16-lane chunk plus a tail
     (2, 300, 300, 8, 32),  # Deformable DETR's decoder self-attention
+    (1, 7, 45, 2, 64),  # the AVX-512 backward's 4-vector chunks (D a multiple of 32) with partial key chunks and rows
 ]
 
 
