@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrcore.nn import Conv2d
+from detrcore.nn.conv import _output_size
 from detrcore.ops import _lib
 from detrcore.ops._lib import _C
 
@@ -191,9 +192,8 @@ def _conv_bn_folds(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: Tensor, residual: 
         return False
     if residual is None:
         return True
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    out = (x.shape[0], conv.out_channels, (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-           (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    out = (x.shape[0], conv.out_channels,
+           *_output_size(x.shape[2], x.shape[3], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
     return (residual.shape == out and residual.dtype == torch.float32 and residual.device == x.device
             and residual.is_contiguous())
 

@@ -48,9 +48,10 @@ MAX_POSITIONS, MIN_ROW = 256, 8192
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
 
 
-def _output_size(h: int, w: int, kernel, stride, padding) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution without dilation."""
-    return ((h + 2 * padding[0] - kernel[0]) // stride[0] + 1, (w + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+def _output_size(h: int, w: int, kernel, stride, padding, dilation=(1, 1)) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution."""
+    return ((h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1)
 
 
 def _winograd_tiles(n: int, h: int, w: int) -> int:

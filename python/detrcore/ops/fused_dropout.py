@@ -67,30 +67,23 @@ def _(grad, output, p):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-# The backward ops are linear in the gradient with the same mask: each is its own derivative (double backward;
-# the saved output / seed get no gradient: the mask is piecewise constant in them).
-def _dropout_backward_setup(ctx, inputs, output):
-    _, seed, ctx.p = inputs
-    ctx.save_for_backward(seed)
+def _register_self_derivative(op) -> None:
+    """The backward ops (grad, seed or output, p) are linear in the gradient with the same mask: each is its own
+    derivative (double backward; the saved seed / output gets no gradient: the mask is piecewise constant in it)."""
+
+    def setup_context(ctx, inputs, output):
+        _, saved, ctx.p = inputs
+        ctx.save_for_backward(saved)
+
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        return op(grad, saved, ctx.p), None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _dropout_backward_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return _dropout_backward(grad, seed, ctx.p), None, None
-
-
-def _relu_dropout_backward_setup(ctx, inputs, output):
-    _, out, ctx.p = inputs
-    ctx.save_for_backward(out)
-
-
-def _relu_dropout_backward_backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    return _relu_dropout_backward(grad, out, ctx.p), None, None
-
-
-_dropout_backward.register_autograd(_dropout_backward_backward, setup_context=_dropout_backward_setup)
-_relu_dropout_backward.register_autograd(_relu_dropout_backward_backward, setup_context=_relu_dropout_backward_setup)
+_register_self_derivative(_dropout_backward)
+_register_self_derivative(_relu_dropout_backward)
 
 
 def _setup_context(ctx, inputs, output):
