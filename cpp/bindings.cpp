@@ -589,6 +589,28 @@ struct MsdaArgs {
   const int64_t* st() const { return starts.v.ptr<int64_t>(); }
 };
 
+// The optional coord_shapes of the CPU kernels (ms_deform_attn.h): None, or a CPU int64 [L, 2] whose sizes are at
+// least spatial_shapes' (the stored maps are their top-left corners). Returns its data, or nullptr for None.
+const int64_t* msda_coord_shapes(const MsdaArgs& a, py::handle coord_, std::optional<Arg>& holder) {
+  if (coord_.is_none()) return nullptr;
+  holder.emplace(coord_, "coord_shapes");
+  const View& c = holder->v;
+  if (a.value.v.device != DeviceKind::cpu) throw ValueError("coord_shapes is supported by the CPU kernels only");
+  check_same_device(a.value.v, c);
+  if (c.dtype != DType::i64) throw TypeError(arg(c) + " must be int64, got " + dtype_name(c.dtype));
+  check_contiguous(c);
+  check_ndim(c, 2, "[L, 2]");
+  check_size(c, 0, a.s.L, "L (levels in spatial_shapes)");
+  check_size(c, 1, 2, "(height, width) pairs");
+  const int64_t *cs = c.ptr<int64_t>(), *hw = a.hw();
+  for (int64_t i = 0; i < 2 * a.s.L; ++i)
+    if (cs[i] < hw[i])
+      throw ValueError("coord_shapes: level " + std::to_string(i / 2) + " (" + std::to_string(cs[i & ~int64_t(1)]) +
+                       ", " + std::to_string(cs[i | 1]) + ") is smaller than its stored map (" +
+                       std::to_string(hw[i & ~int64_t(1)]) + ", " + std::to_string(hw[i | 1]) + ")");
+  return cs;
+}
+
 // out on ref's device, in its dtype, contiguous, of this shape.
 void check_like(const View& ref, const View& out, std::initializer_list<int64_t> shape) {
   check_same_device(ref, out);
@@ -709,8 +731,10 @@ void winograd_input_adjoint(py::handle g, py::handle out, int num_threads) {
 }
 
 void ms_deform_attn_forward(py::handle value, py::handle shapes, py::handle starts, py::handle loc, py::handle attn,
-                            py::handle out_, int num_threads, uintptr_t stream) {
+                            py::handle out_, int num_threads, uintptr_t stream, py::handle coord_shapes) {
   MsdaArgs a(value, shapes, starts, loc, attn);
+  std::optional<Arg> coord_holder;
+  const int64_t* coord = msda_coord_shapes(a, coord_shapes, coord_holder);
   Arg out(out_, "out");
   const MsdaShape& s = a.s;
   check_out(a.value.v, out.v, {s.B, s.Q, s.H * s.D});
@@ -719,7 +743,7 @@ void ms_deform_attn_forward(py::handle value, py::handle shapes, py::handle star
       [&](auto t) {
         using T = decltype(t);
         ms_deform_attn_fwd_cpu<T>(a.value.v.ptr<T>(), a.hw(), a.st(), a.loc.v.ptr<T>(), a.attn.v.ptr<T>(),
-                                  out.v.ptr<T>(), s, threads_arg(num_threads));
+                                  out.v.ptr<T>(), s, threads_arg(num_threads), coord);
       },
       [&] {
         return ms_deform_attn_fwd_cuda(a.value.v.dtype, a.value.v.data, a.hw(), a.st(), a.loc.v.data,
@@ -743,8 +767,10 @@ int64_t ms_deform_attn_workspace_bytes(py::handle value, py::handle shapes, py::
 void ms_deform_attn_backward(py::handle value, py::handle shapes, py::handle starts, py::handle loc,
                              py::handle attn, py::handle grad_out_, py::handle grad_value_, py::handle grad_loc_,
                              py::handle grad_attn_, bool deterministic, py::handle workspace_, int num_threads,
-                             uintptr_t stream) {
+                             uintptr_t stream, py::handle coord_shapes) {
   MsdaArgs a(value, shapes, starts, loc, attn);
+  std::optional<Arg> coord_holder;
+  const int64_t* coord = msda_coord_shapes(a, coord_shapes, coord_holder);
   Arg grad_out(grad_out_, "grad_output"), gv(grad_value_, "grad_value"), gl(grad_loc_, "grad_sampling_locations"),
       ga(grad_attn_, "grad_attention_weights");
   const MsdaShape& s = a.s;
@@ -774,7 +800,7 @@ void ms_deform_attn_backward(py::handle value, py::handle shapes, py::handle sta
         using T = decltype(t);
         ms_deform_attn_bwd_cpu<T>(v.ptr<T>(), a.hw(), a.st(), a.loc.v.ptr<T>(), a.attn.v.ptr<T>(),
                                   grad_out.v.ptr<T>(), gv.v.ptr<T>(), gl.v.ptr<T>(), ga.v.ptr<T>(), s,
-                                  threads_arg(num_threads));
+                                  threads_arg(num_threads), coord);
       },
       [&]() -> int {
 #ifdef DETRCORE_WITH_CUDA
@@ -1080,7 +1106,9 @@ PYBIND11_MODULE(_C, m) {
         "Adjoint of winograd_output: grad [N, K, H, W] -> grad_m [16, K, T].");
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),
         py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("out"),
-        nt, s, "Multi-scale deformable attention forward: out [B, Q, H*D].");
+        nt, s, py::arg("coord_shapes") = py::none(),
+        "Multi-scale deformable attention forward: out [B, Q, H*D]. coord_shapes (CPU): the sizes the locations are "
+        "normalised by, when the stored maps are the top-left corners of larger zero-padded ones.");
   m.def("ms_deform_attn_workspace_bytes", &ms_deform_attn_workspace_bytes, py::arg("value"),
         py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("deterministic"));
@@ -1088,7 +1116,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"),
         py::arg("grad_output"), py::arg("grad_value"), py::arg("grad_sampling_locations"),
         py::arg("grad_attention_weights"), py::arg("deterministic") = false, py::arg("workspace") = py::none(), nt,
-        s);
+        s, py::arg("coord_shapes") = py::none());
   m.def("linear_sum_assignment", &linear_sum_assignment, py::arg("cost_matrix"), py::arg("maximize") = false,
         "Solve one assignment problem; returns (rows, cols) as int64 numpy arrays.");
   m.def("batched_linear_sum_assignment", &batched_linear_sum_assignment, py::arg("costs"),

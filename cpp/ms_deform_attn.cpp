@@ -48,13 +48,18 @@
 namespace detrcore {
 namespace {
 
+// A level's stored map (h x w rows from `start`) and the size (ch, cw) its sampling locations are normalised by:
+// the same, or a larger zero-padded map whose top-left corner is stored (coord_shapes in the header).
 struct Level {
-  int64_t h, w, start;
+  int64_t h, w, start, ch, cw;
 };
 
-std::vector<Level> levels_of(const int64_t* spatial_shapes, const int64_t* level_start, int64_t L) {
+std::vector<Level> levels_of(const int64_t* spatial_shapes, const int64_t* level_start, const int64_t* coord_shapes,
+                             int64_t L) {
+  const int64_t* coord = coord_shapes ? coord_shapes : spatial_shapes;
   std::vector<Level> lv(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) lv[l] = {spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start[l]};
+  for (int64_t l = 0; l < L; ++l)
+    lv[l] = {spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start[l], coord[2 * l], coord[2 * l + 1]};
   return lv;
 }
 
@@ -70,8 +75,8 @@ struct Footprint {
 template <typename T>
 inline Footprint<T> footprint(T loc_x, T loc_y, const Level& lv, int64_t S) {
   Footprint<T> f;
-  const T x = loc_x * T(lv.w) - T(0.5);
-  const T y = loc_y * T(lv.h) - T(0.5);
+  const T x = loc_x * T(lv.cw) - T(0.5);
+  const T y = loc_y * T(lv.ch) - T(0.5);
   f.any = x > T(-1) && y > T(-1) && x < T(lv.w) && y < T(lv.h);  // false for NaN too
   if (!f.any) return f;
   const T fx = std::floor(x), fy = std::floor(y);
@@ -249,8 +254,8 @@ inline __attribute__((always_inline)) void bwd_range(const Args<T>& A, int64_t t
           gaw[lp] = f.cw[0] * dots[0] + f.cw[1] * dots[1] + f.cw[2] * dots[2] + f.cw[3] * dots[3];
           const T d_lx = f.hy * (dots[1] - dots[0]) + f.ly * (dots[3] - dots[2]);
           const T d_ly = f.hx * (dots[2] - dots[0]) + f.lx * (dots[3] - dots[1]);
-          gloc[2 * lp] = a * d_lx * T(lv[l].w);
-          gloc[2 * lp + 1] = a * d_ly * T(lv[l].h);
+          gloc[2 * lp] = a * d_lx * T(lv[l].cw);
+          gloc[2 * lp + 1] = a * d_ly * T(lv[l].ch);
         }
       }
     }
@@ -287,11 +292,11 @@ bool simd_applies(const MsdaShape& s) {
   return g_simd.load(std::memory_order_relaxed) && (s.D == 16 || s.D == 32 || s.D == 64);
 }
 
-// Per sample slot lp = l * P + p: its level's width and height (float and int), and its start and row pitch as
-// value offsets in floats, for rows rs floats apart; padded to a multiple of 8 slots with a width and height of -1
-// (no sample there is ever inside).
+// Per sample slot lp = l * P + p: its level's stored width and height (float and int), the width and height its
+// locations are scaled by (sw, sh: coord_shapes), and its start and row pitch as value offsets in floats, for rows
+// rs floats apart; padded to a multiple of 8 slots with a width and height of -1 (no sample there is ever inside).
 struct Slots {
-  std::vector<float> wf, hf;
+  std::vector<float> wf, hf, sw, sh;
   std::vector<int32_t> w, h, start, pitch;
 };
 
@@ -300,7 +305,8 @@ struct Slots {
 bool make_slots(Slots& t, const std::vector<Level>& lv, const MsdaShape& s, int64_t rs) {
   int64_t max_w = 0;
   for (const Level& l : lv) {
-    if (l.h < 0 || l.w < 0 || l.start < 0 || l.start + l.h * l.w > s.S || l.h >= (1 << 24) || l.w >= (1 << 24))
+    if (l.h < 0 || l.w < 0 || l.start < 0 || l.start + l.h * l.w > s.S || l.ch >= (1 << 24) || l.cw >= (1 << 24) ||
+        l.h > l.ch || l.w > l.cw)
       return false;
     max_w = std::max(max_w, l.w);
   }
@@ -308,11 +314,12 @@ bool make_slots(Slots& t, const std::vector<Level>& lv, const MsdaShape& s, int6
   for (const Level& l : lv)
     for (int64_t p = 0; p < s.P; ++p) {
       t.wf.push_back(static_cast<float>(l.w)), t.hf.push_back(static_cast<float>(l.h));
+      t.sw.push_back(static_cast<float>(l.cw)), t.sh.push_back(static_cast<float>(l.ch));
       t.w.push_back(static_cast<int32_t>(l.w)), t.h.push_back(static_cast<int32_t>(l.h));
       t.start.push_back(static_cast<int32_t>(l.start * rs)), t.pitch.push_back(static_cast<int32_t>(l.w * rs));
     }
   while (t.wf.size() % 8) {
-    t.wf.push_back(-1.0f), t.hf.push_back(-1.0f);
+    t.wf.push_back(-1.0f), t.hf.push_back(-1.0f), t.sw.push_back(-1.0f), t.sh.push_back(-1.0f);
     t.w.push_back(0), t.h.push_back(0), t.start.push_back(0), t.pitch.push_back(0);
   }
   return true;
@@ -343,9 +350,10 @@ DETRCORE_AVX2_INLINE void store_first(float* p, int n, __m256 v) {
 // The footprints of the samples in slots [j0, min(j0 + 8, LP)) of one (b, q, h) (lanes past LP read nothing and
 // come out entirely outside, as the padding of the slot table makes them): corner c of lane j reads value
 // offset off[c][j] (-1 when outside the map) with weight wt[c][j] = attention x corner weight (0 outside); cw
-// are the corner weights, a the attention weights (0 for samples entirely outside), lx ... hy as in Footprint.
+// are the corner weights, a the attention weights (0 for samples entirely outside), lx ... hy as in Footprint, sw
+// and sh the location scales.
 struct Foot8 {
-  __m256 ok, a, lx, ly, hx, hy, wf, hf, cw[4], wt[4];
+  __m256 ok, a, lx, ly, hx, hy, sw, sh, cw[4], wt[4];
   __m256i off[4];
 };
 
@@ -368,11 +376,12 @@ DETRCORE_AVX2_INLINE Foot8 footprint8(const float* loc, const float* aw, const S
   const int n = LP - j0;  // slots left (8 or more: a full group)
   const __m256 l0 = load_first(loc + 2 * j0, 2 * n), l1 = load_first(loc + 2 * j0 + 8, 2 * n - 8);  // x0 y0 x1 ...
   const __m256 lcx = cross_lanes(_mm256_shuffle_ps(l0, l1, 0x88)), lcy = cross_lanes(_mm256_shuffle_ps(l0, l1, 0xDD));
-  f.wf = _mm256_loadu_ps(t.wf.data() + j0), f.hf = _mm256_loadu_ps(t.hf.data() + j0);
-  const __m256 x = _mm256_sub_ps(_mm256_mul_ps(lcx, f.wf), half), y = _mm256_sub_ps(_mm256_mul_ps(lcy, f.hf), half);
-  // -1 < x < w and -1 < y < h; ordered compares: false for NaN.
+  const __m256 wf = _mm256_loadu_ps(t.wf.data() + j0), hf = _mm256_loadu_ps(t.hf.data() + j0);
+  f.sw = _mm256_loadu_ps(t.sw.data() + j0), f.sh = _mm256_loadu_ps(t.sh.data() + j0);
+  const __m256 x = _mm256_sub_ps(_mm256_mul_ps(lcx, f.sw), half), y = _mm256_sub_ps(_mm256_mul_ps(lcy, f.sh), half);
+  // -1 < x < w and -1 < y < h (the stored map); ordered compares: false for NaN.
   f.ok = _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(x, minus1, _CMP_GT_OQ), _mm256_cmp_ps(y, minus1, _CMP_GT_OQ)),
-                       _mm256_and_ps(_mm256_cmp_ps(x, f.wf, _CMP_LT_OQ), _mm256_cmp_ps(y, f.hf, _CMP_LT_OQ)));
+                       _mm256_and_ps(_mm256_cmp_ps(x, wf, _CMP_LT_OQ), _mm256_cmp_ps(y, hf, _CMP_LT_OQ)));
   const __m256 xc = _mm256_and_ps(f.ok, x), yc = _mm256_and_ps(f.ok, y);  // inside (-1, w) x (-1, h), or 0
   const __m256 fx = _mm256_floor_ps(xc), fy = _mm256_floor_ps(yc);
   f.lx = _mm256_sub_ps(xc, fx), f.ly = _mm256_sub_ps(yc, fy);
@@ -532,8 +541,8 @@ DETRCORE_AVX2 void bwd_range_avx2(const Args<float>& A, const Slots& t, int64_t 
                                           _mm256_mul_ps(f.ly, _mm256_sub_ps(D[3], D[2])));
         const __m256 d_ly = _mm256_add_ps(_mm256_mul_ps(f.hx, _mm256_sub_ps(D[2], D[0])),
                                           _mm256_mul_ps(f.lx, _mm256_sub_ps(D[3], D[1])));
-        const __m256 gx = _mm256_mul_ps(_mm256_mul_ps(f.a, d_lx), f.wf);
-        const __m256 gy = _mm256_mul_ps(_mm256_mul_ps(f.a, d_ly), f.hf);
+        const __m256 gx = _mm256_mul_ps(_mm256_mul_ps(f.a, d_lx), f.sw);
+        const __m256 gy = _mm256_mul_ps(_mm256_mul_ps(f.a, d_ly), f.sh);
         const int n = LP - j0;
         store_first(A.grad_attn + bqh * LP + j0, n, _mm256_and_ps(f.ok, gaw));
         const __m256 xy_lo = _mm256_unpacklo_ps(gx, gy), xy_hi = _mm256_unpackhi_ps(gx, gy);  // x0 y0 x1 y1 | x4 ...
@@ -576,8 +585,8 @@ bool ms_deform_attn_cpu_simd(int enable) {
 template <typename T>
 void ms_deform_attn_fwd_cpu(const T* value, const int64_t* spatial_shapes, const int64_t* level_start,
                             const T* sampling_locations, const T* attention_weights, T* out, const MsdaShape& s,
-                            int num_threads) {
-  const std::vector<Level> lv = levels_of(spatial_shapes, level_start, s.L);
+                            int num_threads, const int64_t* coord_shapes) {
+  const std::vector<Level> lv = levels_of(spatial_shapes, level_start, coord_shapes, s.L);
   const Args<T> a{value, sampling_locations, attention_weights, nullptr, out, nullptr, nullptr, nullptr, lv.data(), s};
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.H * s.L * s.P * s.D));
   if constexpr (std::is_same_v<T, float>) {
@@ -594,8 +603,8 @@ template <typename T>
 void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const int64_t* level_start,
                             const T* sampling_locations, const T* attention_weights, const T* grad_out,
                             T* grad_value, T* grad_sampling_locations, T* grad_attention_weights, const MsdaShape& s,
-                            int num_threads) {
-  const std::vector<Level> lv = levels_of(spatial_shapes, level_start, s.L);
+                            int num_threads, const int64_t* coord_shapes) {
+  const std::vector<Level> lv = levels_of(spatial_shapes, level_start, coord_shapes, s.L);
   const Args<T> a{value,      sampling_locations,      attention_weights,      grad_out, nullptr,
                   grad_value, grad_sampling_locations, grad_attention_weights, lv.data(), s};
   // Head-local copies cost three passes over a head's S x D slice: worth it when its samples outnumber its rows
@@ -619,9 +628,9 @@ void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const
 
 #define DETRCORE_INSTANTIATE(T)                                                                                \
   template void ms_deform_attn_fwd_cpu<T>(const T*, const int64_t*, const int64_t*, const T*, const T*, T*,    \
-                                          const MsdaShape&, int);                                              \
+                                          const MsdaShape&, int, const int64_t*);                              \
   template void ms_deform_attn_bwd_cpu<T>(const T*, const int64_t*, const int64_t*, const T*, const T*,        \
-                                          const T*, T*, T*, T*, const MsdaShape&, int);
+                                          const T*, T*, T*, T*, const MsdaShape&, int, const int64_t*);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)
 #undef DETRCORE_INSTANTIATE

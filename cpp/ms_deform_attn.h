@@ -15,6 +15,12 @@
 // outside the map contributes zero. Metadata is trusted to be consistent by the kernels except that every
 // value index is bounds-checked against S (the CPU entry point in bindings.cpp validates it fully).
 //
+// coord_shapes (CPU, optional, [L, 2] int64, each at least spatial_shapes'): the maps are the top-left corners of
+// larger maps of these sizes whose other positions are zero (an image's valid region in a padded batch, stored
+// without its padding). Sampling locations are then normalised by coord_shapes (x * cw_l - 0.5) while only the
+// stored (h_l, w_l) corners are read; the result equals sampling the zero-padded maps (their padded rows' value
+// gradients are not formed). nullptr: coord_shapes = spatial_shapes.
+//
 // Backward: given grad_out [B, Q, H, D], write grad_value [B, S, H, D], grad_sampling_locations
 // [B, Q, H, L, P, 2] and grad_attention_weights [B, Q, H, L, P]. Accumulation happens in float (double for
 // double). A sample exactly on a cell boundary takes the gradient of the cell it is floored into, as
@@ -36,12 +42,12 @@ struct MsdaShape {
 template <typename T>
 void ms_deform_attn_fwd_cpu(const T* value, const int64_t* spatial_shapes, const int64_t* level_start,
                             const T* sampling_locations, const T* attention_weights, T* out, const MsdaShape& s,
-                            int num_threads);
+                            int num_threads, const int64_t* coord_shapes = nullptr);
 template <typename T>
 void ms_deform_attn_bwd_cpu(const T* value, const int64_t* spatial_shapes, const int64_t* level_start,
                             const T* sampling_locations, const T* attention_weights, const T* grad_out,
                             T* grad_value, T* grad_sampling_locations, T* grad_attention_weights, const MsdaShape& s,
-                            int num_threads);
+                            int num_threads, const int64_t* coord_shapes = nullptr);
 
 // The CPU kernels' AVX2 + FMA path (float, D in {16, 32, 64}) where the CPU has it:
 // enable = 1 / 0 turns it on / off (on only where supported), -1 only asks. Returns whether it was on.

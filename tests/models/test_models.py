@@ -253,12 +253,19 @@ def test_encoder_skips_padding_with_the_same_results(name, monkeypatch):
     forward = dt.DeformableEncoderLayer.forward
     monkeypatch.setattr(dt.DeformableEncoderLayer, "forward", lambda self, src, *a: shapes.append(src.shape) or
                         forward(self, src, *a))
+    from detrcore.nn import MSDeformAttn
+
+    in_place = []  # the attention layers that sampled the packed value in place (rectangular padding)
+    forward_packed = MSDeformAttn._forward_packed_value
+    monkeypatch.setattr(MSDeformAttn, "_forward_packed_value",
+                        lambda self, *a: in_place.append(1) or forward_packed(self, *a))
     heads = []  # two-stage: the rows the encoder-output heads see
     for m in (packed, full):
         if cfg.two_stage:
             m.transformer.enc_output.register_forward_hook(lambda mod, args, out: heads.append(args[0].shape))
     outs = [m(images, mask) for m in (packed, full)]
     (n, c), (b, s, c2) = shapes[0], shapes[cfg.enc_layers]  # packed [N, C]; every position [B, S, C]
+    assert len(in_place) == cfg.enc_layers + cfg.dec_layers  # every layer of the packed model, none of the other
     assert b * s * 0.6 < n < b * s and c == c2  # image 1 is ~45 % padding
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-5)

@@ -517,3 +517,99 @@ def test_packed_bad_counts_are_named():
         ops.ms_deform_attn_packed(value, ss, ls, loc, aw, [6, -1])
     with pytest.raises(ValueError, match="sampling_locations"):
         ops.ms_deform_attn_packed(value, ss, ls, loc[..., :1], aw, [3, 2])
+
+
+def _packed_value_inputs(value_shapes, dtype, D=5, Q=6, seed=0, shapes=((6, 4), (3, 2), (1, 1))):
+    """A packed value (each image's top-left value_shapes[b] corners, `ms_deform_attn_packed`'s value_shapes), the
+    zero-padded [B, S, H, D] it stands for, and per-image [B * Q] locations / weights."""
+    B = len(value_shapes)
+    full, ss, ls, loc, aw = make_inputs(B=B, D=D, Q=Q, shapes=shapes, dtype=dtype, seed=seed)
+    starts = ls.tolist()
+    rows, keep = [], torch.zeros(full.shape[:2], dtype=torch.bool)
+    for b, levels in enumerate(value_shapes):
+        for (h, w), (fh, fw), start in zip(levels, shapes, starts):
+            block = torch.zeros(fh, fw, dtype=torch.bool)
+            block[:h, :w] = True
+            keep[b, start : start + fh * fw] = block.flatten()
+            level = full[b, start : start + fh * fw].view(fh, fw, *full.shape[2:])
+            rows.append(level[:h, :w].reshape(-1, *full.shape[2:]))
+    full = full.masked_fill(~keep[..., None, None], 0.0)
+    vs = torch.tensor(value_shapes, dtype=torch.int64)
+    return torch.cat(rows), vs, full, ss, ls, loc.flatten(0, 1), aw.flatten(0, 1)
+
+
+VALUE_SHAPES = [
+    [[[6, 4], [3, 2], [1, 1]], [[4, 3], [2, 2], [1, 1]]],  # a padded second image
+    [[[5, 1], [3, 2], [0, 0]], [[6, 4], [3, 2], [1, 1]], [[1, 4], [1, 0], [1, 1]]],  # thin, empty levels
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value_shapes", VALUE_SHAPES)
+@pytest.mark.parametrize("D", [5, 32])  # scalar and AVX2 kernels
+def test_packed_value_equals_the_zero_padded_value(dtype, value_shapes, D):
+    """A value packed by value_shapes gives the outputs and the location / weight gradients of its zero-padded
+    [B, S, H, D] twin, and its gradient is the twin's at the stored positions; with and without the native node
+    (the per-image fallback pads the value itself)."""
+    packed, vs, full, ss, ls, loc, aw = _packed_value_inputs(value_shapes, dtype, D=D)
+    counts = [6] * len(value_shapes)
+    grad = torch.randn(loc.shape[0], full.shape[2] * D, dtype=dtype)
+    results = []
+    for v0, kwargs in ((full, {}), (packed, {"value_shapes": vs})):
+        v, lc, w = (t.clone().requires_grad_() for t in (v0, loc, aw))
+        out = ops.ms_deform_attn_packed(v, ss, ls, lc, w, counts, **kwargs)
+        out.backward(grad)
+        results.append((out.detach(), v.grad, lc.grad, w.grad))
+    (out_f, gv_f, gl_f, gw_f), (out_p, gv_p, gl_p, gw_p) = results
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out_p, out_f, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gl_p, gl_f, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gw_p, gw_f, rtol=rtol, atol=atol)
+    keep = full.abs().sum((2, 3)) != 0  # the stored positions (random values are never exactly zero)
+    torch.testing.assert_close(gv_p, gv_f[keep], rtol=rtol, atol=atol)
+    assert gv_p.shape == packed.shape
+    with torch.no_grad():  # no autograd node: the same values
+        torch.testing.assert_close(ops.ms_deform_attn_packed(packed, ss, ls, loc, aw, counts, value_shapes=vs),
+                                   out_p, rtol=0, atol=0)
+    # The fallback (here: under a dispatch mode, which turns the native node off) pads the packed value itself.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    v = packed.clone().requires_grad_()
+    with Passthrough():
+        out = ops.ms_deform_attn_packed(v, ss, ls, loc, aw, counts, value_shapes=vs)
+    out.backward(grad)
+    torch.testing.assert_close(out.detach(), out_f, rtol=rtol, atol=atol)
+    torch.testing.assert_close(v.grad, gv_f[keep], rtol=rtol, atol=atol)
+
+
+def test_packed_value_gradcheck():
+    packed, vs, _, ss, ls, loc, aw = _packed_value_inputs(VALUE_SHAPES[0], torch.float64, D=3, Q=3)
+    inputs = tuple(t.clone().requires_grad_() for t in (packed, loc, aw))
+    assert torch.autograd.gradcheck(
+        lambda v, lc, w: ops.ms_deform_attn_packed(v, ss, ls, lc, w, [3, 3], value_shapes=vs), inputs)
+
+
+def test_packed_value_bad_input_is_named():
+    packed, vs, full, ss, ls, loc, aw = _packed_value_inputs(VALUE_SHAPES[0], torch.float32)
+    with pytest.raises(ValueError, match="value must be a \\[N_v, H, D\\]"):
+        ops.ms_deform_attn_packed(full, ss, ls, loc, aw, [6, 6], value_shapes=vs)
+    with pytest.raises(ValueError, match="value holds"):
+        ops.ms_deform_attn_packed(packed[1:], ss, ls, loc, aw, [6, 6], value_shapes=vs)
+    too_big = vs.clone()
+    too_big[1, 0, 0] = 7
+    with pytest.raises(ValueError, match="within spatial_shapes"):
+        ops.ms_deform_attn_packed(packed, ss, ls, loc, aw, [6, 6], value_shapes=too_big)
+    with pytest.raises(ValueError, match="value_shapes must be"):
+        ops.ms_deform_attn_packed(packed, ss, ls, loc, aw, [6, 6], value_shapes=vs[:, :2])
+    with pytest.raises(ValueError, match="counts"):
+        ops.ms_deform_attn_packed(packed, ss, ls, loc, aw, [12], value_shapes=vs)
+    # The kernel's coord_shapes: never smaller than the stored maps.
+    out = full.new_empty(1, 6, full.shape[2] * full.shape[3])
+    with pytest.raises(ValueError, match="coord_shapes: level 0"):
+        _C.ms_deform_attn_forward(full[:1], ss, ls, loc[None, :6], aw[None, :6], out, coord_shapes=ss - 1)
+    with pytest.raises(TypeError, match="coord_shapes"):
+        _C.ms_deform_attn_forward(full[:1], ss, ls, loc[None, :6], aw[None, :6], out, coord_shapes=ss.int())

@@ -171,8 +171,27 @@ def test_token_packing_round_trip_and_errors():
         TokenPacking(mask.float())
 
 
+def test_token_packing_value_shapes():
+    """With the level shapes, TokenPacking gives each image's valid rectangle per level (the packed value is then
+    sampled in place); without them, or where a valid region is not a top-left rectangle, None."""
+    _, _, _, mask = padded_inputs()
+    shapes = [tuple(s) for s in SHAPES.tolist()]
+    assert TokenPacking(mask).value_shapes is None
+    vs = TokenPacking(mask, shapes).value_shapes
+    assert vs.dtype == torch.int64 and vs.tolist() == [[[8, 6], [4, 3], [2, 2]], [[5, 3], [3, 2], [2, 1]]]
+    holed = mask.clone()
+    holed[0, 9] = True  # a hole inside image 0's first level
+    assert TokenPacking(holed, shapes).value_shapes is None
+    shifted = mask.clone()
+    shifted[1, :48] = shifted[1, :48].view(8, 6).flip(0).flatten()  # padding at the top: not top-left
+    assert TokenPacking(shifted, shapes).value_shapes is None
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        TokenPacking(mask, shapes[:2])
+
+
+@pytest.mark.parametrize("in_place", [False, True])  # value_shapes: the packed value sampled in place
 @pytest.mark.parametrize("boxes", [False, True])
-def test_packed_queries_equal_the_padded_batch_at_valid_positions(boxes):
+def test_packed_queries_equal_the_padded_batch_at_valid_positions(boxes, in_place):
     m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3)
     torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
     torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
@@ -181,7 +200,8 @@ def test_packed_queries_equal_the_padded_batch_at_valid_positions(boxes):
         ref = torch.cat([ref, torch.full_like(ref, 0.2)], -1)
     shapes, start = SHAPES, level_start_index_of(SHAPES)
     want = m(q, ref, x, shapes, start, mask)  # every position computed
-    packing = TokenPacking(mask)
+    packing = TokenPacking(mask, SHAPES.tolist() if in_place else None)
+    assert (packing.value_shapes is not None) == in_place
     xp = packing.pack(x).requires_grad_()
     got = m(packing.pack(q), packing.pack(ref), xp, shapes, start, packing=packing)
     assert got.shape == (packing.num_valid, 16)

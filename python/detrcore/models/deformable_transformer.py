@@ -185,7 +185,7 @@ class DeformableTransformer(nn.Module):
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
         enc_refs = encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)
-        packing = TokenPacking(mask) if self.skip_padding and bool(mask.any()) else None
+        packing = TokenPacking(mask, spatial_shapes) if self.skip_padding and bool(mask.any()) else None
         if packing is not None:  # memory: [N, C], the valid positions
             memory, pos, enc_refs = packing.pack(src), packing.pack(pos), packing.pack(enc_refs)
         else:

@@ -25,9 +25,14 @@ class TokenPacking:
 
     Args:
         padding_mask: [B, S], True on padding. Reading the per-image counts synchronises once with the device.
+        spatial_shapes: the (h, w) of the levels S flattens, if known. Where every image's valid positions on every
+            level are a top-left rectangle (an image padded at the bottom and right, as DETR batches are), a
+            packed value needs no unpacking: `value_shapes` ([B, L, 2] int64, CPU) then holds those rectangles'
+            (h, w), for `detrcore.ops.ms_deform_attn_packed`. Otherwise (or not given, or a mask not on the CPU)
+            it is None.
     """
 
-    def __init__(self, padding_mask: Tensor):
+    def __init__(self, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]] | None = None):
         if padding_mask.dim() != 2 or padding_mask.dtype != torch.bool:
             raise ValueError(f"padding_mask must be a [B, S] bool tensor, got {padding_mask.dtype} "
                              f"{tuple(padding_mask.shape)}")
@@ -37,6 +42,9 @@ class TokenPacking:
         self.padding = padding_mask.flatten().nonzero().squeeze(1)  # the others
         self.counts = valid.sum(1).tolist()  # valid positions per image
         self.num_valid = sum(self.counts)
+        self.value_shapes = None
+        if spatial_shapes is not None and padding_mask.device.type == "cpu":
+            self.value_shapes = _valid_rectangles(valid, spatial_shapes)
 
     def pack(self, x: Tensor) -> Tensor:
         """[B, S, ...] -> [N, ...]: the valid positions."""
@@ -51,6 +59,25 @@ class TokenPacking:
         # Zeros written at the padded rows only (a zero-filled tensor would write the valid ones twice).
         full = x.new_empty(self.batch * self.length, *x.shape[1:]).index_fill_(0, self.padding, 0)
         return full.index_copy_(0, self.index, x).view(self.batch, self.length, *x.shape[1:])  # no clone
+
+
+def _valid_rectangles(valid: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor | None:
+    """valid [B, S] (S: the levels of spatial_shapes, flattened) -> [B, L, 2] int64: the (h, w) of each image's
+    valid region on each level where every one is a top-left rectangle, else None."""
+    spatial_shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    if sum(h * w for h, w in spatial_shapes) != valid.shape[1]:
+        raise ValueError(f"spatial_shapes {spatial_shapes} do not cover the mask's {valid.shape[1]} positions")
+    shapes, start = [], 0
+    for h, w in spatial_shapes:
+        level = valid[:, start : start + h * w].view(-1, h, w)
+        rows, cols = level[:, :, 0].sum(1), level[:, 0, :].sum(1)  # [B]: the rectangle's height and width
+        rect = (torch.arange(h)[None, :, None] < rows[:, None, None]) & (
+            torch.arange(w)[None, None, :] < cols[:, None, None])
+        if not torch.equal(rect, level):
+            return None
+        shapes.append(torch.stack([rows, cols], 1))
+        start += h * w
+    return torch.stack(shapes, 1).long() if shapes else None
 
 
 class MSDeformAttn(nn.Module):
@@ -121,13 +148,13 @@ class MSDeformAttn(nn.Module):
         Returns:
             `[B, Q, C]`, or `[N, C]` for packed queries.
         """
+        if packing is not None and packing.value_shapes is not None and input_flatten.device.type == "cpu":
+            # The valid positions are top-left rectangles: the kernels read the packed value as it is.
+            return self._forward_packed_value(query, reference_points, input_flatten, input_spatial_shapes,
+                                              input_level_start_index, packing)
         value = self._value(query, input_flatten, input_padding_mask, packing)  # [B, S, H, D]
         if query.dim() == 2:  # packed queries: an encoder on the valid positions only
-            if packing is None or query.shape[0] != packing.num_valid or \
-                    reference_points.shape[:1] != query.shape[:1]:
-                raise ValueError(f"packed query and reference_points need a packing and must have "
-                                 f"N={packing.num_valid if packing else '?'} rows, got shapes "
-                                 f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
+            self._check_packed_query(query, reference_points, packing)
             locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
             # Image b's queries are the next counts[b] rows; each samples its own image's value.
             out = ms_deform_attn_packed(value, input_spatial_shapes, input_level_start_index, locations[0],
@@ -136,6 +163,34 @@ class MSDeformAttn(nn.Module):
         locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
         return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
                                                weights))
+
+    @staticmethod
+    def _check_packed_query(query: Tensor, reference_points: Tensor, packing: TokenPacking | None) -> None:
+        if packing is None or query.shape[0] != packing.num_valid or reference_points.shape[:1] != query.shape[:1]:
+            raise ValueError(f"packed query and reference_points need a packing and must have "
+                             f"N={packing.num_valid if packing else '?'} rows, got shapes "
+                             f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
+
+    def _forward_packed_value(self, query, reference_points, input_flatten, input_spatial_shapes,
+                              input_level_start_index, packing: TokenPacking) -> Tensor:
+        """forward with the packed value [N, H, D] sampled in place (`ms_deform_attn_packed`'s value_shapes): no
+        zero-padded [B, S, H, D] copy forward, no gather of its gradient backward."""
+        C = query.shape[-1]
+        if input_flatten.shape != (packing.num_valid, C):
+            raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C={C}], "
+                             f"got shape {tuple(input_flatten.shape)}")
+        value = self.value_proj(input_flatten).view(packing.num_valid, self.n_heads, C // self.n_heads)
+        if query.dim() == 2:  # packed queries: image b's are the next counts[b] rows
+            self._check_packed_query(query, reference_points, packing)
+            locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
+            locations, weights, counts = locations[0], weights[0], packing.counts
+        else:  # [B, Q] queries: image b's are its Q
+            locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
+            B, Q = query.shape[:2]
+            locations, weights, counts = locations.flatten(0, 1), weights.flatten(0, 1), [Q] * B
+        out = ms_deform_attn_packed(value, input_spatial_shapes, input_level_start_index, locations, weights, counts,
+                                    value_shapes=packing.value_shapes)
+        return self.output_proj(out.view(*query.shape[:-1], -1))
 
     def _value(self, query: Tensor, input_flatten: Tensor, padding_mask: Tensor | None,
                packing: TokenPacking | None) -> Tensor:

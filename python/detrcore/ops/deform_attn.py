@@ -226,50 +226,121 @@ def ms_deform_attn(
 
 
 def ms_deform_attn_packed(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                          sampling_locations: Tensor, attention_weights: Tensor, counts: list[int]) -> Tensor:
+                          sampling_locations: Tensor, attention_weights: Tensor, counts: list[int],
+                          value_shapes: Tensor | None = None) -> Tensor:
     """`ms_deform_attn` for images whose queries are packed one after another (an encoder on the valid positions
     only, `detrcore.nn.TokenPacking`): image b's queries are the next `counts[b]` rows of sampling_locations
     `[N, H, L, P, 2]` and attention_weights `[N, H, L, P]` and sample value[b] (`[B, S, H, D]`); returns `[N, H*D]`.
 
+    value_shapes: `[B, L, 2]` int64 on the CPU, or None. Given, `value` is packed too, `[N_v, H, D]`: image b's map of
+    level l is only its top-left value_shapes[b, l] = (h, w) corner (the valid region of a padded image; the rest of
+    its spatial_shapes[l] map is zero and not stored), the corners row-major, level after level, image after image.
+    The results are those of sampling the zero-padded maps.
+
     The same as calling `ms_deform_attn` per image and concatenating. On the CPU for float32/float64 in eager mode it
     is one autograd node whose kernels write each image's rows of the output and of the gradients in place: no
     concatenation of the output forward, none of the location, weight and value gradients backward (on the
-    Deformable DETR benchmark batch 2.7 MB per encoder layer forward, 7.6 MB backward). Elsewhere (CUDA, half
-    precision, torch.compile) the per-image calls."""
+    Deformable DETR benchmark batch 2.7 MB per encoder layer forward, 7.6 MB backward); with value_shapes the
+    kernels read the packed value as it is (no padded copy, 3400 -> 2660 rows per layer there). Elsewhere (CUDA,
+    half precision, torch.compile) the per-image calls, on a zero-padded copy of a packed value."""
     counts = [int(c) for c in counts]
     loc, aw = sampling_locations, attention_weights
-    if not isinstance(value, Tensor) or value.dim() != 4:
-        raise ValueError(f"value must be a 4-D [B, S, H, D] tensor, got {getattr(value, 'shape', type(value))}")
-    if len(counts) != value.shape[0] or any(c < 0 for c in counts):
-        raise ValueError(f"counts must give a query count >= 0 for each of value's {value.shape[0]} images, "
-                         f"got {counts}")
+    packed_value = value_shapes is not None
+    if not isinstance(value, Tensor) or value.dim() != (3 if packed_value else 4):
+        layout = "[N_v, H, D] (value_shapes given)" if packed_value else "[B, S, H, D]"
+        raise ValueError(f"value must be a {layout} tensor, got {getattr(value, 'shape', type(value))}")
+    images = None
+    if packed_value:
+        images = _packed_images(value, spatial_shapes, value_shapes)
+        batch = len(images)
+    else:
+        batch = value.shape[0]
+    if len(counts) != batch or any(c < 0 for c in counts):
+        raise ValueError(f"counts must give a query count >= 0 for each of value's {batch} images, got {counts}")
     if loc.dim() != 5 or aw.dim() != 4 or loc.shape[0] != sum(counts):
         raise ValueError(f"sampling_locations [N, H, L, P, 2] and attention_weights [N, H, L, P] with "
                          f"N = sum(counts) = {sum(counts)}, got shapes {tuple(loc.shape)} and {tuple(aw.shape)}")
     if not counts:  # no images, no queries
+        if packed_value:  # (and no value rows)
+            return value.reshape(0, value.shape[1] * value.shape[2])
         return ms_deform_attn(value, spatial_shapes, level_start_index, loc[None][:0], aw[None][:0]).reshape(
             0, value.shape[2] * value.shape[3])
-    _check(value[:1], spatial_shapes, level_start_index, loc[None], aw[None])
+    # One image's [1, S, H, D] (a stand-in without memory for a packed value) against the per-query arrays.
+    S = int(spatial_shapes.long().prod(1).sum()) if packed_value else value.shape[1]
+    _check(value.new_zeros(()).expand(1, S, *value.shape[-2:]) if packed_value else value[:1], spatial_shapes,
+           level_start_index, loc[None], aw[None])
     if (value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64) and loc.dtype == value.dtype
             and aw.dtype == value.dtype and spatial_shapes.device.type == "cpu"
             and level_start_index.device.type == "cpu" and _lib.eager_fast_path(value, loc, aw)):
-        args = (value, spatial_shapes.long(), level_start_index.long(), loc, aw)
+        if images is None:
+            images = [(b, b + 1, spatial_shapes.long(), level_start_index.long()) for b in range(batch)]
+            coord = None
+        else:
+            coord = _native(spatial_shapes.long())
+        args = (value, loc, aw, images, coord, counts)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (value, loc, aw)):
-            return _EagerMsdaPacked.apply(*args, counts)
-        return _packed_forward(*args, counts)
+            return _EagerMsdaPacked.apply(*args)
+        return _packed_forward(*args)
+    full = _padded_value(value, spatial_shapes, level_start_index, images) if packed_value else value
     return torch.cat([ms_deform_attn(v, spatial_shapes, level_start_index, l, w)
-                      for v, l, w in zip(value.split(1), loc[None].split(counts, 1), aw[None].split(counts, 1))],
+                      for v, l, w in zip(full.split(1), loc[None].split(counts, 1), aw[None].split(counts, 1))],
                      1)[0]
 
 
-def _packed_forward(value, spatial_shapes, level_start_index, loc, aw, counts) -> Tensor:
-    v, ss, ls, loc, aw = (_native(t) for t in (value, spatial_shapes, level_start_index, loc, aw))
-    out = v.new_empty((1, loc.shape[0], v.shape[2] * v.shape[3]))
+def _packed_images(value: Tensor, spatial_shapes: Tensor, value_shapes: Tensor) -> list[tuple]:
+    """Per image of a packed value (`ms_deform_attn_packed`'s value_shapes): (first row, end row, its
+    spatial_shapes [L, 2], its level starts [L]), after checking value_shapes against spatial_shapes and value."""
+    if not isinstance(value_shapes, Tensor) or value_shapes.dim() != 3 or value_shapes.shape[1:] != (
+            spatial_shapes.shape[0], 2) or value_shapes.device.type != "cpu" or value_shapes.is_floating_point():
+        raise ValueError(f"value_shapes must be a [B, L={spatial_shapes.shape[0]}, 2] integer CPU tensor, got "
+                         f"{getattr(value_shapes, 'dtype', type(value_shapes))} "
+                         f"{tuple(getattr(value_shapes, 'shape', ()))}")
+    shapes = value_shapes.long().contiguous()
+    full = spatial_shapes.tolist()
+    images, row = [], 0
+    for b, levels in enumerate(shapes.tolist()):
+        if any(h < 0 or w < 0 or h > fh or w > fw for (h, w), (fh, fw) in zip(levels, full)):
+            raise ValueError(f"value_shapes[{b}] = {levels}: every (h, w) must lie within spatial_shapes {full}")
+        sizes = [h * w for h, w in levels]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        images.append((row, row + sum(sizes), shapes[b], torch.tensor(starts, dtype=torch.long)))
+        row += sum(sizes)
+    if value.shape[0] != row:
+        raise ValueError(f"value holds {value.shape[0]} rows but value_shapes describes {row}")
+    return images
+
+
+def _padded_value(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, images: list[tuple]) -> Tensor:
+    """A packed value ([N_v, H, D], `_packed_images`) as the zero-padded [B, S, H, D] it stands for
+    (differentiable)."""
+    full = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    S = sum(h * w for h, w in full)
+    out = value.new_zeros((len(images), S, *value.shape[1:]))
+    for b, (row, _, shapes, _) in enumerate(images):
+        for (h, w), (fh, fw), start in zip(shapes.tolist(), full, starts):
+            if h * w:
+                level = out[b, start : start + fh * fw].view(fh, fw, *value.shape[1:])
+                level[:h, :w] = value[row : row + h * w].view(h, w, *value.shape[1:])
+            row += h * w
+    return out
+
+
+def _image_values(v: Tensor, images: list[tuple]) -> list[Tensor]:
+    """Image b's value as a [1, S_b, H, D] view: of a [B, S, H, D] value, or of a packed [N_v, H, D] one."""
+    if v.dim() == 4:
+        return [v[r0:r1] for r0, r1, _, _ in images]
+    return [v[r0:r1][None] for r0, r1, _, _ in images]
+
+
+def _packed_forward(value, loc, aw, images, coord, counts) -> Tensor:
+    v, loc, aw = _native(value), _native(loc), _native(aw)
+    out = v.new_empty((1, loc.shape[0], v.shape[-2] * v.shape[-1]))
     start = 0
-    for b, n in enumerate(counts):
+    for vb, (_, _, ss, ls), n in zip(_image_values(v, images), images, counts):
         if n:
-            _C.ms_deform_attn_forward(v[b : b + 1], ss, ls, loc[None, start : start + n], aw[None, start : start + n],
-                                      out[:, start : start + n], num_threads=_lib.num_threads())
+            _C.ms_deform_attn_forward(vb, ss, ls, loc[None, start : start + n], aw[None, start : start + n],
+                                      out[:, start : start + n], num_threads=_lib.num_threads(), coord_shapes=coord)
         start += n
     return out[0]
 
@@ -278,28 +349,29 @@ class _EagerMsdaPacked(torch.autograd.Function):
     """`ms_deform_attn_packed`'s CPU node: per image the native kernels on views of the packed tensors."""
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, loc, aw, counts):
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, aw)
-        ctx.counts = counts
-        return _packed_forward(value, spatial_shapes, level_start_index, loc, aw, counts)
+    def forward(ctx, value, loc, aw, images, coord, counts):
+        ctx.save_for_backward(value, loc, aw)
+        ctx.images, ctx.coord, ctx.counts = images, coord, counts
+        return _packed_forward(value, loc, aw, images, coord, counts)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the custom op: no double backward
     def backward(ctx, grad_output):
-        v, ss, ls, loc, aw = (_native(t) for t in ctx.saved_tensors)
+        v, loc, aw = (_native(t) for t in ctx.saved_tensors)
         g = _native(grad_output)
         grad_value, grad_loc, grad_aw = v.new_empty(v.shape), loc.new_empty(loc.shape), aw.new_empty(aw.shape)
         start = 0
-        for b, n in enumerate(ctx.counts):
+        for vb, gvb, (_, _, ss, ls), n in zip(_image_values(v, ctx.images), _image_values(grad_value, ctx.images),
+                                              ctx.images, ctx.counts):
             if n:
                 rows = slice(start, start + n)
-                _C.ms_deform_attn_backward(v[b : b + 1], ss, ls, loc[None, rows], aw[None, rows], g[None, rows],
-                                           grad_value[b : b + 1], grad_loc[None, rows], grad_aw[None, rows],
-                                           num_threads=_lib.num_threads())
+                _C.ms_deform_attn_backward(vb, ss, ls, loc[None, rows], aw[None, rows], g[None, rows], gvb,
+                                           grad_loc[None, rows], grad_aw[None, rows], num_threads=_lib.num_threads(),
+                                           coord_shapes=ctx.coord)
             else:  # no queries: nothing sampled this image
-                grad_value[b].zero_()
+                gvb.zero_()
             start += n
-        return grad_value, None, None, grad_loc, grad_aw, None
+        return grad_value, grad_loc, grad_aw, None, None, None
 
 
 def _check_levels_on_host(spatial_shapes: Tensor, level_start_index: Tensor, S: int) -> None:
