@@ -436,9 +436,31 @@ void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, 
   });
 }
 
-void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, double p, int num_threads) {
+void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, double p, int num_threads,
+                           py::handle colsum_) {
   Arg grad(grad_, "grad"), y(y_, "output"), gx(gx_, "grad_input");
   const DropoutParams d = dropout_params({&grad.v, &y.v}, {&gx.v}, p);
+  if (!colsum_.is_none()) {  // [cols]: grad_input's column sums over its rows, in the same pass
+    Arg colsum(colsum_, "column_sums");
+    check_same_device(grad.v, colsum.v);
+    check_same_dtype(grad.v, colsum.v);
+    check_contiguous(colsum.v);
+    check_writable(colsum.v);
+    check_ndim(colsum.v, 1, "[cols]");
+    const int64_t cols = colsum.v.size(0), n = grad.v.numel();
+    if (cols == 0 || n % cols || grad.v.size(grad.v.ndim - 1) != cols)
+      throw ValueError("column_sums must have grad's last dimension (" +
+                       std::to_string(grad.v.ndim ? grad.v.size(grad.v.ndim - 1) : 0) + "), got " +
+                       colsum.v.shape_str());
+    const size_t bytes = grad.v.dtype == DType::f64 ? 8 : grad.v.dtype == DType::f32 ? 4 : 2;
+    for (const View* v : {&grad.v, &y.v, &gx.v}) check_no_overlap(*v, colsum.v, bytes, false);
+    dropout_dispatch(grad.v, [&](auto t) {
+      using T = decltype(t);
+      relu_dropout_bwd_colsum_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), n / cols, cols, d.scale,
+                                     colsum.v.ptr<T>(), threads_arg(num_threads));
+    });
+    return;
+  }
   dropout_dispatch(grad.v, [&](auto t) {
     using T = decltype(t);
     relu_dropout_bwd_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), grad.v.numel(), d.scale,
@@ -1091,7 +1113,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout_backward", &dropout_backward, py::arg("grad"), py::arg("grad_input"), py::arg("seed"), py::arg("p"),
         nt, "The dropout mask regenerated from `seed`: grad_input = keep * scale * grad.");
   m.def("relu_dropout_backward", &relu_dropout_backward, py::arg("grad"), py::arg("output"), py::arg("grad_input"),
-        py::arg("p"), nt, "grad_input = output > 0 ? scale * grad : 0.");
+        py::arg("p"), nt, py::arg("column_sums") = py::none(),
+        "grad_input = output > 0 ? scale * grad : 0; column_sums [cols] (optional): its sums over the rows.");
   m.def("winograd_weight", &winograd_weight, py::arg("weight"), py::arg("out"), nt,
         "Winograd F(2x2, 3x3) weight transform: weight [K, C, 3, 3] -> out [16, K, C] (G w G^T).");
   m.def("winograd_weight_adjoint", &winograd_weight_adjoint, py::arg("grad"), py::arg("grad_weight"), nt,

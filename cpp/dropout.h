@@ -8,6 +8,9 @@
 //   dropout:            y = relu ? max(x, 0) * keep * scale : x * keep * scale
 //   dropout_bwd:        grad_x = grad * keep * scale                  (the mask regenerated from `seed`)
 //   relu_dropout_bwd:   grad_x = y > 0 ? grad * scale : 0             (y > 0 exactly where x > 0 and kept)
+//   relu_dropout_bwd_colsum: the same over a [rows, cols] matrix, and colsum[j] = sum over rows of grad_x[:, j]
+//                       (a linear layer's bias gradient, formed in the same pass; summed in double per thread chunk,
+//                       the chunks added in order: deterministic for a given thread count)
 // All pointers address contiguous memory; the output may be the input (y == x, grad_x == grad: in place), y of
 // relu_dropout_bwd not. T = float, double, or BFloat16 (bfloat16 bits, computed in float and
 // rounded once to nearest-even, as torch does: the dtype CPU autocast produces).
@@ -26,6 +29,9 @@ void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_
                      int num_threads);
 template <typename T>
 void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads);
+template <typename T>
+void relu_dropout_bwd_colsum_cpu(const T* grad, const T* y, T* grad_x, int64_t rows, int64_t cols, double scale,
+                                 T* colsum, int num_threads);
 
 // The k-th 64-bit output of SplitMix64 started at `seed`.
 inline uint64_t splitmix64_output(uint64_t seed, uint64_t k) {

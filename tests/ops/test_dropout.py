@@ -298,3 +298,40 @@ def test_multihead_attention_falls_back_to_torch():
     ours.eval(), theirs.eval()
     torch.testing.assert_close(ours(q, q, q)[0], theirs(q, q, q)[0])
     torch.testing.assert_close(ours(q, q, q, need_weights=True)[1], theirs(q, q, q, need_weights=True)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (3000, 17), (2, 3, 40)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_relu_dropout_backward_column_sums(dtype, shape, in_place):
+    """column_sums: the same grad_input, and its sums over every row (the feed-forward block's linear1 bias
+    gradient), whatever the thread count (each count's chunks summed in order: repeatable)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    grad = torch.randn(shape, generator=g).to(dtype)
+    y = F.relu(torch.randn(shape, generator=g)).to(dtype)
+    want = torch.empty_like(grad)
+    _C.relu_dropout_backward(grad, y, want, 0.3)
+    for threads in (1, 2, 3):
+        got = grad.clone() if in_place else torch.empty_like(grad)
+        sums = torch.empty(shape[-1], dtype=dtype)
+        _C.relu_dropout_backward(got if in_place else grad, y, got, 0.3, num_threads=threads, column_sums=sums)
+        assert torch.equal(got, want)
+        exact = want.double().reshape(-1, shape[-1]).sum(0)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(sums.double(), exact, rtol=tol, atol=tol)
+        again = torch.empty_like(sums)
+        _C.relu_dropout_backward(grad, y, torch.empty_like(grad), 0.3, num_threads=threads, column_sums=again)
+        assert torch.equal(again, sums)
+
+
+def test_relu_dropout_backward_column_sums_bad_input():
+    grad, y = torch.randn(4, 6), F.relu(torch.randn(4, 6))
+    out = torch.empty_like(grad)
+    with pytest.raises(ValueError, match="column_sums must have grad's last dimension \\(6\\)"):
+        _C.relu_dropout_backward(grad, y, out, 0.3, column_sums=torch.empty(4))
+    with pytest.raises(TypeError):
+        _C.relu_dropout_backward(grad, y, out, 0.3, column_sums=torch.empty(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="overlaps"):
+        _C.relu_dropout_backward(grad, y, out, 0.3, column_sums=out.view(-1)[:6])
+    with pytest.raises(ValueError, match="\\[cols\\]"):
+        _C.relu_dropout_backward(grad, y, out, 0.3, column_sums=torch.empty(1, 6))

@@ -63,13 +63,14 @@ class _FeedForward(torch.autograd.Function):
         grad_b2 = g.sum(0) if need_b2 else None
         grad_x = grad_w1 = grad_b1 = None
         if need_h:
-            _C.relu_dropout_backward(grad_h, hidden, grad_h, ctx.p, num_threads=_lib.num_threads())
+            # linear1's bias gradient (grad_h's column sums) in the same pass: [2660, 1024] -> one read less
+            grad_b1 = grad_h.new_empty(grad_h.shape[1]) if need_b1 else None
+            _C.relu_dropout_backward(grad_h, hidden, grad_h, ctx.p, num_threads=_lib.num_threads(),
+                                     column_sums=grad_b1)
             if need_x:
                 grad_x = _mm(grad_h, w1.t(), None).view(x.shape)
             if need_w1:
                 grad_w1 = weight_grad(grad_h, x.reshape(-1, x.shape[-1]).contiguous())
-            if need_b1:
-                grad_b1 = grad_h.sum(0)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
