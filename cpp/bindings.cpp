@@ -436,6 +436,17 @@ void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, 
   });
 }
 
+void dropout_add(py::handle a_, py::handle x_, py::handle out_, int64_t seed, double p, int num_threads) {
+  Arg a(a_, "input"), x(x_, "residual"), out(out_, "out");
+  const DropoutParams d = dropout_params({&a.v, &x.v}, {&out.v}, p);
+  check_no_overlap(a.v, out.v, a.v.dtype == DType::f64 ? 8 : a.v.dtype == DType::f32 ? 4 : 2, false);  // not in place
+  dropout_dispatch(a.v, [&](auto t) {
+    using T = decltype(t);
+    dropout_add_cpu<T>(a.v.ptr<T>(), x.v.ptr<T>(), out.v.ptr<T>(), a.v.numel(), static_cast<uint64_t>(seed),
+                       d.threshold, d.scale, threads_arg(num_threads));
+  });
+}
+
 void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, double p, int num_threads,
                            py::handle colsum_) {
   Arg grad(grad_, "grad"), y(y_, "output"), gx(gx_, "grad_input");
@@ -1112,6 +1123,8 @@ PYBIND11_MODULE(_C, m) {
         "Gradients of frozen_bn from its output (read only with relu); grad_residual may be None.");
   m.def("dropout_backward", &dropout_backward, py::arg("grad"), py::arg("grad_input"), py::arg("seed"), py::arg("p"),
         nt, "The dropout mask regenerated from `seed`: grad_input = keep * scale * grad.");
+  m.def("dropout_add", &dropout_add, py::arg("input"), py::arg("residual"), py::arg("out"), py::arg("seed"),
+        py::arg("p"), nt, "out = residual + dropout(input) (the mask of dropout(input, out, seed, p)).");
   m.def("relu_dropout_backward", &relu_dropout_backward, py::arg("grad"), py::arg("output"), py::arg("grad_input"),
         py::arg("p"), nt, py::arg("column_sums") = py::none(),
         "grad_input = output > 0 ? scale * grad : 0; column_sums [cols] (optional): its sums over the rows.");

@@ -52,11 +52,28 @@ DETRCORE_ELEMENTWISE_CLONES void backward_range_inplace(T* __restrict g, int64_t
 }
 
 template <typename T>
+inline __attribute__((always_inline)) void add_loop(const T* a, const T* x, T* s, int64_t i0, int64_t i1,
+                                                    uint64_t seed, uint32_t threshold, typename Elem<T>::C scale) {
+  using C = typename Elem<T>::C;
+  for_each_keep(i0, i1, seed, threshold, [&](int64_t i, bool keep) {
+    const C v = Elem<T>::load(a[i]);  // read whether kept or not: branch-free (vectorised)
+    const T d = Elem<T>::store(keep ? v * scale : C(0));
+    s[i] = Elem<T>::store(Elem<T>::load(x[i]) + Elem<T>::load(d));
+  });
+}
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void add_range(const T* __restrict a, const T* __restrict x, T* __restrict s, int64_t i0,
+                                           int64_t i1, uint64_t seed, uint32_t threshold, typename Elem<T>::C scale) {
+  add_loop<T>(a, x, s, i0, i1, seed, threshold, scale);
+}
+
+template <typename T>
 inline __attribute__((always_inline)) void relu_backward_loop(const T* g, const T* __restrict y, T* gx, int64_t i0,
                                                               int64_t i1, typename Elem<T>::C scale) {
   using C = typename Elem<T>::C;
   for (int64_t i = i0; i < i1; ++i) {
-    gx[i] = Elem<T>::store(Elem<T>::load(y[i]) > C(0) ? Elem<T>::load(g[i]) * scale : C(0));
+    const C v = Elem<T>::load(g[i]);  // read whether kept or not: branch-free (vectorised)
+    gx[i] = Elem<T>::store(Elem<T>::load(y[i]) > C(0) ? v * scale : C(0));
   }
 }
 template <typename T>
@@ -84,7 +101,8 @@ inline __attribute__((always_inline)) void relu_backward_rows(const T* g, const 
     for (int64_t r = b0; r < std::min(r1, b0 + kSumBlock); ++r) {
       const int64_t o = r * cols;
       for (int64_t j = 0; j < cols; ++j) {
-        const T v = Elem<T>::store(Elem<T>::load(y[o + j]) > C(0) ? Elem<T>::load(g[o + j]) * scale : C(0));
+        const C gv = Elem<T>::load(g[o + j]);  // read whether kept or not: branch-free (vectorised)
+        const T v = Elem<T>::store(Elem<T>::load(y[o + j]) > C(0) ? gv * scale : C(0));
         gx[o + j] = v;
         blk[j] += Elem<T>::load(v);
       }
@@ -135,6 +153,15 @@ void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_
 }
 
 template <typename T>
+void dropout_add_cpu(const T* a, const T* x, T* s, int64_t n, uint64_t seed, uint32_t threshold, double scale,
+                     int num_threads) {
+  using C = typename Elem<T>::C;
+  parallel_for(n, kElementwiseGrain, num_threads, [&](int64_t i0, int64_t i1) {
+    add_range<T>(a, x, s, i0, i1, seed, threshold, static_cast<C>(scale));
+  });
+}
+
+template <typename T>
 void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads) {
   using C = typename Elem<T>::C;
   parallel_for(n, kElementwiseGrain, num_threads, [&](int64_t i0, int64_t i1) {
@@ -171,6 +198,7 @@ void relu_dropout_bwd_colsum_cpu(const T* grad, const T* y, T* grad_x, int64_t r
   template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, bool, int);   \
   template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, int);     \
   template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, double, int);          \
+  template void dropout_add_cpu<T>(const T*, const T*, T*, int64_t, uint64_t, uint32_t, double, int); \
   template void relu_dropout_bwd_colsum_cpu<T>(const T*, const T*, T*, int64_t, int64_t, double, T*, int);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)

@@ -7,6 +7,8 @@
 // pass over memory (torch's bernoulli_ + mul are three).
 //   dropout:            y = relu ? max(x, 0) * keep * scale : x * keep * scale
 //   dropout_bwd:        grad_x = grad * keep * scale                  (the mask regenerated from `seed`)
+//   dropout_add:        s = x + a * keep * scale                      (a residual connection's dropout and sum; the
+//                       dropped term rounded to T first, as the two separate ops would)
 //   relu_dropout_bwd:   grad_x = y > 0 ? grad * scale : 0             (y > 0 exactly where x > 0 and kept)
 //   relu_dropout_bwd_colsum: the same over a [rows, cols] matrix, and colsum[j] = sum over rows of grad_x[:, j]
 //                       (a linear layer's bias gradient, formed in the same pass; summed in double per thread chunk,
@@ -26,6 +28,9 @@ void dropout_cpu(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold,
                  int num_threads);
 template <typename T>
 void dropout_bwd_cpu(const T* grad, T* grad_x, int64_t n, uint64_t seed, uint32_t threshold, double scale,
+                     int num_threads);
+template <typename T>
+void dropout_add_cpu(const T* a, const T* x, T* s, int64_t n, uint64_t seed, uint32_t threshold, double scale,
                      int num_threads);
 template <typename T>
 void relu_dropout_bwd_cpu(const T* grad, const T* y, T* grad_x, int64_t n, double scale, int num_threads);

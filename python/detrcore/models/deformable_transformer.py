@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, Linear, MSDeformAttn, MultiheadAttention, TokenPacking, feed_forward
+from detrcore.nn import (Dropout, Linear, MSDeformAttn, MultiheadAttention, TokenPacking, dropout_add_norm,
+                         feed_forward)
 from detrcore.ops import inverse_sigmoid
 
 from .transformer import clones, with_pos
@@ -101,8 +102,9 @@ class DeformableEncoderLayer(nn.Module):
         [N, C] and [N, L, 2]."""
         attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes, level_start_index,
                               padding_mask, packing)
-        src = self.norm1(src + self.dropout1(attn))
-        return self.norm2(src + self.dropout3(feed_forward(src, self.linear1, self.act_dropout, self.linear2)))
+        src = dropout_add_norm(src, attn, self.dropout1, self.norm1)  # norm1(src + dropout1(attn))
+        return dropout_add_norm(src, feed_forward(src, self.linear1, self.act_dropout, self.linear2), self.dropout3,
+                                self.norm2)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -120,11 +122,12 @@ class DeformableDecoderLayer(nn.Module):
                 packing=None):
         """src: the encoder's memory [B, S, C], or with `packing` its valid positions [N, C]."""
         q = k = with_pos(tgt, query_pos)
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = dropout_add_norm(tgt, self.self_attn(q, k, tgt, need_weights=False)[0], self.dropout2, self.norm2)
         attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src, spatial_shapes, level_start_index,
                                padding_mask, packing)
-        tgt = self.norm1(tgt + self.dropout1(attn))
-        return self.norm3(tgt + self.dropout4(feed_forward(tgt, self.linear1, self.act_dropout, self.linear2)))
+        tgt = dropout_add_norm(tgt, attn, self.dropout1, self.norm1)
+        return dropout_add_norm(tgt, feed_forward(tgt, self.linear1, self.act_dropout, self.linear2), self.dropout4,
+                                self.norm3)
 
 
 class DeformableTransformer(nn.Module):

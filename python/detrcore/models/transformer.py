@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrcore.nn import Dropout, Linear, MultiheadAttention, feed_forward, linear
+from detrcore.nn import Dropout, Linear, MultiheadAttention, dropout_add_norm, feed_forward, linear
 from detrcore.ops._lib import eager_fast_path
 
 
@@ -100,6 +100,12 @@ class _RowSparseMLP(torch.autograd.Function):
         return (None, *grads)
 
 
+def residual(x: Tensor, a: Tensor, dropout: Dropout, norm: nn.LayerNorm, pre_norm: bool) -> Tensor:
+    """A sublayer's residual step: x + dropout(a) (pre-norm: the norm comes before the next sublayer), or post-norm
+    norm(x + dropout(a)) (one fused node in CPU training: `detrcore.nn.dropout_add_norm`)."""
+    return x + dropout(a) if pre_norm else dropout_add_norm(x, a, dropout, norm)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool):
         super().__init__()
@@ -112,12 +118,11 @@ class EncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
         x = self.norm1(src) if self.pre_norm else src
         q = k = with_pos(x, pos)
-        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=padding_mask, need_weights=False)[0])
-        if not self.pre_norm:
-            src = self.norm1(src)
+        src = residual(src, self.self_attn(q, k, x, key_padding_mask=padding_mask, need_weights=False)[0],
+                       self.dropout1, self.norm1, self.pre_norm)
         x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(feed_forward(x, self.linear1, self.act_dropout, self.linear2))
-        return src if self.pre_norm else self.norm2(src)
+        return residual(src, feed_forward(x, self.linear1, self.act_dropout, self.linear2), self.dropout2, self.norm2,
+                        self.pre_norm)
 
 
 class DecoderLayer(nn.Module):
@@ -135,18 +140,14 @@ class DecoderLayer(nn.Module):
                 memory_padding_mask: Tensor | None) -> Tensor:
         x = self.norm1(tgt) if self.pre_norm else tgt
         q = k = with_pos(x, query_pos)
-        tgt = tgt + self.dropout1(self.self_attn(q, k, x, need_weights=False)[0])
-        if not self.pre_norm:
-            tgt = self.norm1(tgt)
+        tgt = residual(tgt, self.self_attn(q, k, x, need_weights=False)[0], self.dropout1, self.norm1, self.pre_norm)
         x = self.norm2(tgt) if self.pre_norm else tgt
         attn = self.multihead_attn(with_pos(x, query_pos), with_pos(memory, pos), memory,
                                    key_padding_mask=memory_padding_mask, need_weights=False)[0]
-        tgt = tgt + self.dropout2(attn)
-        if not self.pre_norm:
-            tgt = self.norm2(tgt)
+        tgt = residual(tgt, attn, self.dropout2, self.norm2, self.pre_norm)
         x = self.norm3(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout3(feed_forward(x, self.linear1, self.act_dropout, self.linear2))
-        return tgt if self.pre_norm else self.norm3(tgt)
+        return residual(tgt, feed_forward(x, self.linear1, self.act_dropout, self.linear2), self.dropout3, self.norm3,
+                        self.pre_norm)
 
 
 class Encoder(nn.Module):
