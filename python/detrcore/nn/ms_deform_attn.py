@@ -157,8 +157,8 @@ class MSDeformAttn(nn.Module):
             self._check_packed_query(query, reference_points, packing)
             locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
             # Image b's queries are the next counts[b] rows; each samples its own image's value.
-            out = ms_deform_attn_packed(value, input_spatial_shapes, input_level_start_index, locations[0],
-                                        weights[0], packing.counts)
+            out = ms_deform_attn_packed(value, input_spatial_shapes, input_level_start_index, locations.squeeze(0),
+                                        weights.squeeze(0), packing.counts)
             return self.output_proj(out.view(query.shape))
         locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
         return self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
@@ -183,7 +183,8 @@ class MSDeformAttn(nn.Module):
         if query.dim() == 2:  # packed queries: image b's are the next counts[b] rows
             self._check_packed_query(query, reference_points, packing)
             locations, weights = self._sampling(query[None], reference_points[None], input_spatial_shapes)
-            locations, weights, counts = locations[0], weights[0], packing.counts
+            # squeeze, not [0]: a view backward too (indexing's backward zero-fills and copies a full-size gradient)
+            locations, weights, counts = locations.squeeze(0), weights.squeeze(0), packing.counts
         else:  # [B, Q] queries: image b's are its Q
             locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
             B, Q = query.shape[:2]
