@@ -220,3 +220,45 @@ def test_packed_queries_equal_the_padded_batch_at_valid_positions(boxes, in_plac
         m(packing.pack(q), packing.pack(ref), x, shapes, start, packing=packing)
     with pytest.raises(ValueError, match="packed query"):
         m(packing.pack(q)[:-1], packing.pack(ref)[:-1], xp, shapes, start, packing=packing)
+
+
+def _producer(t):
+    """The autograd node that made t, past views and dtype no-ops."""
+    node = t.grad_fn
+    while type(node).__name__ in ("ViewBackward0", "ToCopyBackward0"):
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("boxes", [False, True])
+def test_sampling_node_equals_the_separate_ops(dtype, boxes, monkeypatch):
+    """The one-node sampling (split + softmax + addcmul, its backward writing one projection gradient) gives the
+    separate ops' locations, weights and gradients bit for bit; references with a gradient take the separate ops."""
+    from detrcore.nn import ms_deform_attn as module
+
+    m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3).to(dtype)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.1)
+    q, ref, _ = inputs()
+    q, ref = q.to(dtype), ref.to(dtype)
+    if boxes:
+        ref = torch.cat([ref, torch.full_like(ref, 0.2)], -1)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(module, "_eager_fast_path", lambda *t, f=fused: f)
+        qq = q.clone().requires_grad_()
+        loc, w = m._sampling(qq, ref, SHAPES)
+        params = [qq, m.sampling_offsets.weight, m.attention_weights.bias]
+        grads = torch.autograd.grad((loc * torch.linspace(-1, 1, loc.numel(), dtype=dtype).view(loc.shape)).sum()
+                                    + (w.square() * 3).sum(), params)
+        results.append((loc.detach(), w.detach(), *grads))
+        assert (_producer(loc) == "_SamplingBackward") == fused
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    ref_grad = ref.clone().requires_grad_()  # a reference with a gradient: the separate ops
+    monkeypatch.setattr(module, "_eager_fast_path", lambda *t: True)
+    loc, _ = m._sampling(q, ref_grad, SHAPES)
+    assert _producer(loc) != "_SamplingBackward"
+    only_w = torch.autograd.grad(m._sampling(q.requires_grad_(), ref, SHAPES)[1].sum(), q)  # one output used
+    assert only_w[0].shape == q.shape
