@@ -36,11 +36,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         B, Lq, E = query.shape
         Lk, H = key.shape[1], self.num_heads
         w, b = self.in_proj_weight, self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-        wq, wk, wv = w.chunk(3)
         if query is key:  # self-attention (DETR's q = k = tgt + pos): both projections in one product
-            q, k = linear(query, w[: 2 * E], None if b is None else b[: 2 * E]).split(E, -1)
+            # One split of the packed parameters (its backward concatenates the two gradients; slicing and chunking
+            # them separately zero-filled two full-size gradients and added them).
+            (w_qk, wv), (b_qk, bv) = w.split([2 * E, E]), (None, None) if b is None else b.split([2 * E, E])
+            q, k = linear(query, w_qk, b_qk).split(E, -1)
         else:
+            (wq, wk, wv), (bq, bk, bv) = w.chunk(3), (None, None, None) if b is None else b.chunk(3)
             q, k = linear(query, wq, bq), linear(key, wk, bk)
         v = linear(value, wv, bv)
         if q.dtype in (torch.float32, torch.float64) and _lib.eager_fast_path(q, k, v):

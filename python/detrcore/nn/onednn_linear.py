@@ -89,7 +89,9 @@ def weight_grad(g: Tensor, x: Tensor) -> Tensor:
     if (threads < 2 or M % threads or M // threads < SPLIT_K_MIN_ROWS or N > SPLIT_K_MAX_OUT or not g.is_contiguous()
             or not x.is_contiguous() or torch.is_grad_enabled()):
         return g.t().mm(x)
-    return torch.bmm(g.view(threads, M // threads, N).transpose(1, 2), x.view(threads, M // threads, -1)).sum(0)
+    partial = torch.bmm(g.view(threads, M // threads, N).transpose(1, 2), x.view(threads, M // threads, -1))
+    # Two partials: one add, the same sum (22 instead of 59 us for [2, 256, 1024]: the reduction zero-fills first).
+    return partial[0] + partial[1] if threads == 2 else partial.sum(0)
 
 
 class _OneDnnLinearFn(torch.autograd.Function):
