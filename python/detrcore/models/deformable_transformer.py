@@ -180,8 +180,7 @@ class DeformableTransformer(nn.Module):
         spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
-        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                         for lvl, p in enumerate(pos_embeds)], 1)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos_embeds], 1)  # [B, S, C], + level_embed below
         shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src.device)  # [L, 2]
         sizes = shapes.prod(1)
         level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
@@ -189,10 +188,16 @@ class DeformableTransformer(nn.Module):
 
         enc_refs = encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)
         packing = TokenPacking(mask, spatial_shapes) if self.skip_padding and bool(mask.any()) else None
+        # Each position's level embedding added by its level index: its gradient is summed straight into the [L, C]
+        # table (added to the [B, S, C] positions and packed, it took a zero-filled [B * S, C] scatter and per-level
+        # sums over the batch). Same values.
+        level = torch.repeat_interleave(torch.arange(len(spatial_shapes), device=src.device), sizes)  # [S]
         if packing is not None:  # memory: [N, C], the valid positions
             memory, pos, enc_refs = packing.pack(src), packing.pack(pos), packing.pack(enc_refs)
+            pos = pos + self.level_embed.index_select(0, packing.pack(level.expand(src.shape[0], -1)))
         else:
             memory = src
+            pos = pos + self.level_embed.index_select(0, level)
         for layer in self.encoder.layers:
             memory = layer(memory, pos, enc_refs, shapes, level_start, mask, packing)
 
