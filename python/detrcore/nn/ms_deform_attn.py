@@ -253,7 +253,7 @@ class MSDeformAttn(nn.Module):
                 and _eager_fast_path(proj)):
             # One node for the split, the softmax and the addcmul: its backward writes both gradients into one
             # [B, Q, H*L*P*3] tensor for the projection (no concatenation; five autograd nodes fewer). Same values.
-            locations, weights = _Sampling.apply(proj, base, scale, H)
+            locations, weights = _Sampling.apply(proj, base, scale, so.out_features, H)
             weights = weights.view(B, Q, H, L, P)
         else:
             if proj is not None:
@@ -275,12 +275,11 @@ class MSDeformAttn(nn.Module):
 
 class _Sampling(torch.autograd.Function):
     """(locations, weights) = (base + proj[..., :n] * scale, softmax over the last L*P of proj[..., n:] per head), from
-    the sampling projection proj [B, Q, 3n / 2] (n = H*L*P*2); base and scale [B, Q, n] | [n] without gradient."""
+    the sampling projection proj [B, Q, n + H*L*P] (n = H*L*P*2); base and scale [B, Q, n] | [n] without gradient."""
 
     @staticmethod
-    def forward(ctx, proj: Tensor, base: Tensor, scale: Tensor, H: int):
-        B, Q, width = proj.shape
-        n = width * 2 // 3
+    def forward(ctx, proj: Tensor, base: Tensor, scale: Tensor, n: int, H: int):
+        B, Q, _ = proj.shape
         locations = torch.addcmul(base, proj[..., :n], scale)
         weights = proj[..., n:].reshape(B, Q, H, -1).softmax(-1)
         ctx.save_for_backward(scale, weights)
@@ -301,4 +300,4 @@ class _Sampling(torch.autograd.Function):
         else:
             grad[..., ctx.n :].view(B, Q, H, LP).copy_(
                 torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype))
-        return grad, None, None, None
+        return grad, None, None, None, None

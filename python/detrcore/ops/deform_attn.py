@@ -273,7 +273,8 @@ def ms_deform_attn_packed(value: Tensor, spatial_shapes: Tensor, level_start_ind
             and aw.dtype == value.dtype and spatial_shapes.device.type == "cpu"
             and level_start_index.device.type == "cpu" and _lib.eager_fast_path(value, loc, aw)):
         if images is None:
-            images = [(b, b + 1, spatial_shapes.long(), level_start_index.long()) for b in range(batch)]
+            ss, ls = _native(spatial_shapes.long()), _native(level_start_index.long())
+            images = [(b, b + 1, ss, ls) for b in range(batch)]
             coord = None
         else:
             coord = _native(spatial_shapes.long())
