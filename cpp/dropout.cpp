@@ -194,11 +194,11 @@ void relu_dropout_bwd_colsum_cpu(const T* grad, const T* y, T* grad_x, int64_t r
   }
 }
 
-#define DETRCORE_INSTANTIATE(T)                                                                 \
-  template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, bool, int);   \
-  template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, int);     \
-  template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, double, int);          \
-  template void dropout_add_cpu<T>(const T*, const T*, T*, int64_t, uint64_t, uint32_t, double, int); \
+#define DETRCORE_INSTANTIATE(T)                                                                           \
+  template void dropout_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, bool, int);             \
+  template void dropout_bwd_cpu<T>(const T*, T*, int64_t, uint64_t, uint32_t, double, int);               \
+  template void relu_dropout_bwd_cpu<T>(const T*, const T*, T*, int64_t, double, int);                    \
+  template void dropout_add_cpu<T>(const T*, const T*, T*, int64_t, uint64_t, uint32_t, double, int);     \
   template void relu_dropout_bwd_colsum_cpu<T>(const T*, const T*, T*, int64_t, int64_t, double, T*, int);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)
