@@ -377,6 +377,9 @@ struct DropoutParams {
   uint32_t threshold;
   double scale;
 };
+// Bytes per element of the dropout kernels' dtypes (float64, float32, bfloat16).
+size_t dropout_elem_bytes(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
+
 DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::initializer_list<const View*> outputs,
                              double p) {
   const View& ref = **inputs.begin();
@@ -396,7 +399,7 @@ DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::ini
     check_contiguous(*v);
     check_writable(*v);
     check_same_shape(ref, *v);
-    const size_t bytes = ref.dtype == DType::f64 ? 8 : ref.dtype == DType::f32 ? 4 : 2;
+    const size_t bytes = dropout_elem_bytes(ref.dtype);
     for (const View* in : inputs) check_no_overlap(*in, *v, bytes, in == *inputs.begin());  // the first: in place
   }
   if (!(p >= 0.0 && p < 1.0)) throw ValueError("dropout: p must be in [0, 1), got " + std::to_string(p));
@@ -439,7 +442,7 @@ void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, 
 void dropout_add(py::handle a_, py::handle x_, py::handle out_, int64_t seed, double p, int num_threads) {
   Arg a(a_, "input"), x(x_, "residual"), out(out_, "out");
   const DropoutParams d = dropout_params({&a.v, &x.v}, {&out.v}, p);
-  check_no_overlap(a.v, out.v, a.v.dtype == DType::f64 ? 8 : a.v.dtype == DType::f32 ? 4 : 2, false);  // not in place
+  check_no_overlap(a.v, out.v, dropout_elem_bytes(a.v.dtype), false);  // not in place
   dropout_dispatch(a.v, [&](auto t) {
     using T = decltype(t);
     dropout_add_cpu<T>(a.v.ptr<T>(), x.v.ptr<T>(), out.v.ptr<T>(), a.v.numel(), static_cast<uint64_t>(seed),
@@ -463,8 +466,7 @@ void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, doub
       throw ValueError("column_sums must have grad's last dimension (" +
                        std::to_string(grad.v.ndim ? grad.v.size(grad.v.ndim - 1) : 0) + "), got " +
                        colsum.v.shape_str());
-    const size_t bytes = grad.v.dtype == DType::f64 ? 8 : grad.v.dtype == DType::f32 ? 4 : 2;
-    for (const View* v : {&grad.v, &y.v, &gx.v}) check_no_overlap(*v, colsum.v, bytes, false);
+    for (const View* v : {&grad.v, &y.v, &gx.v}) check_no_overlap(*v, colsum.v, dropout_elem_bytes(v->dtype), false);
     dropout_dispatch(grad.v, [&](auto t) {
       using T = decltype(t);
       relu_dropout_bwd_colsum_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), n / cols, cols, d.scale,

@@ -110,9 +110,7 @@ class _NativeAttention(torch.autograd.Function):
         mask, heads, scale, seed, p = ctx.call
         if torch.is_grad_enabled():  # create_graph=True: the torch ops, differentiable (same function, same mask)
             out = _torch_attention(q, k, v, None if mask is None else mask.bool(), heads, p, seed)
-            wanted = [t for t, need in zip((q, k, v), ctx.needs_input_grad) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None, None)
+            return _lib.create_graph_grads(out, (q, k, v), ctx.needs_input_grad[:3], grad) + (None, None, None, None)
         grad = grad.contiguous()
         gq, gk, gv = torch.empty_like(grad), k.new_empty(k.shape), v.new_empty(v.shape)
         _C.attention_backward(*(_channels_contiguous(t.detach()) for t in (q, k, v)), mask, heads, scale, seed, p,

@@ -201,7 +201,6 @@ class _WinogradConv(torch.autograd.Function):
 
 def _conv_grads_differentiably(x, weight, bias, grad, needs_input_grad, stride, padding) -> tuple:
     """(grad_x, grad_weight, grad_bias) of F.conv2d through torch's own differentiable ops (double backward)."""
-    inputs = [x, weight, bias]
-    wanted = [t for t, need in zip(inputs, needs_input_grad) if need and t is not None]
-    grads = iter(torch.autograd.grad(F.conv2d(x, weight, bias, stride, padding), wanted, grad, create_graph=True))
-    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs_input_grad[:3]))
+    inputs = (x, weight, bias)
+    needs = [need and t is not None for t, need in zip(inputs, needs_input_grad[:3])]
+    return _lib.create_graph_grads(F.conv2d(x, weight, bias, stride, padding), inputs, needs, grad)

@@ -81,8 +81,5 @@ def _differentiable_grads(ctx, grad: Tensor) -> tuple:
     x, w1, b1, w2, hidden = ctx.saved_tensors
     kept = ((hidden > 0).to(x.dtype) / (1.0 - ctx.p)).view(*x.shape[:-1], -1)
     out = F.linear(torch.relu(F.linear(x, w1, b1)) * kept, w2)
-    leaves = (x, w1, b1, w2)
-    wanted = [t for t, need in zip(leaves, ctx.needs_input_grad[:4]) if need]
-    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True) if wanted else ())
     grad_b2 = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:4]) + (grad_b2, None, None)
+    return _lib.create_graph_grads(out, (x, w1, b1, w2), ctx.needs_input_grad[:4], grad) + (grad_b2, None, None)

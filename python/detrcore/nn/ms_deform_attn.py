@@ -176,14 +176,18 @@ class MSDeformAttn(nn.Module):
                              f"N={packing.num_valid if packing else '?'} rows, got shapes "
                              f"{tuple(query.shape)} and {tuple(reference_points.shape)}")
 
+    @staticmethod
+    def _check_packed_input(input_flatten: Tensor, packing: TokenPacking, C: int) -> None:
+        if input_flatten.shape != (packing.num_valid, C):
+            raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C={C}], "
+                             f"got shape {tuple(input_flatten.shape)}")
+
     def _forward_packed_value(self, query, reference_points, input_flatten, input_spatial_shapes,
                               input_level_start_index, packing: TokenPacking) -> Tensor:
         """forward with the packed value [N, H, D] sampled in place (`ms_deform_attn_packed`'s value_shapes): no
         zero-padded [B, S, H, D] copy forward, no gather of its gradient backward."""
         C = query.shape[-1]
-        if input_flatten.shape != (packing.num_valid, C):
-            raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C={C}], "
-                             f"got shape {tuple(input_flatten.shape)}")
+        self._check_packed_input(input_flatten, packing, C)
         value = self.value_proj(input_flatten).view(packing.num_valid, self.n_heads, C // self.n_heads)
         if query.dim() == 2:  # packed queries: image b's are the next counts[b] rows
             self._check_packed_query(query, reference_points, packing)
@@ -203,9 +207,7 @@ class MSDeformAttn(nn.Module):
         """The projected values [B, S, H, D], zero at the padding."""
         C = query.shape[-1]
         if packing is not None:
-            if input_flatten.shape != (packing.num_valid, C):
-                raise ValueError(f"with packing, input_flatten must be [N={packing.num_valid}, C={C}], "
-                                 f"got shape {tuple(input_flatten.shape)}")
+            self._check_packed_input(input_flatten, packing, C)
             value = packing.unpack(self.value_proj(input_flatten))  # zeros at the padding
         else:
             if input_flatten.dim() != 3 or input_flatten.shape[0] != query.shape[0] or input_flatten.shape[2] != C:

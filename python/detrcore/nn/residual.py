@@ -66,9 +66,6 @@ def _differentiable_grads(ctx, grad: Tensor) -> tuple:
     its mask, regenerated from the seed (kept elements scaled by 1 / (1 - p), the others 0)."""
     x, a, weight, bias = ctx.saved_tensors[:4]
     kept = torch.empty_like(a.detach())
-    _C.dropout(torch.ones_like(kept).contiguous(), kept, ctx.seed, ctx.p, False, num_threads=_lib.num_threads())
+    _C.dropout(torch.ones_like(kept), kept, ctx.seed, ctx.p, False, num_threads=_lib.num_threads())
     y = F.layer_norm(x + a * kept, (x.shape[-1],), weight, bias, ctx.eps)
-    leaves = (x, a, weight, bias)
-    wanted = [t for t, need in zip(leaves, ctx.needs_input_grad[:4]) if need]
-    grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True) if wanted else ())
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:4]) + (None, None, None)
+    return _lib.create_graph_grads(y, (x, a, weight, bias), ctx.needs_input_grad[:4], grad) + (None, None, None)

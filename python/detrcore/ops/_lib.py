@@ -63,3 +63,11 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and all(type(t) is torch.Tensor for t in tensors)
             and _get_current_dispatch_mode() is None and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def create_graph_grads(out: torch.Tensor, leaves, needs, grad: torch.Tensor) -> tuple:
+    """For a fused node's double-backward path: d out / d leaves (weighted by grad) through the differentiable ops that
+    recomputed `out`, with create_graph; None for the leaves whose `needs` is False."""
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True) if wanted else ())
+    return tuple(next(grads) if need else None for need in needs)
