@@ -668,9 +668,10 @@ void check_out(const View& ref, const View& out, std::initializer_list<int64_t> 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Winograd F(2x2, 3x3) transforms (CPU, float32 / float64, contiguous): detrcore.nn.Conv2d's 3x3 stride-1
-// convolutions. Shapes: weight [K, C, 3, 3], U [16, K, C]; image [N, C, H, W], V [16, C, T]; M [16, K, T], output
-// [N, K, H, W]; T = N * ceil(H / 2) * ceil(W / 2).
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) transforms (CPU, float32 / float64, contiguous): detrcore.nn.Conv2d's 3x3
+// stride-1 convolutions. tile: the output tile's side, 2 or 4; P = (tile + 2)^2 positions. Shapes: weight
+// [K, C, 3, 3], U [P, K, C]; image [N, C, H, W], V [P, C, T]; M [P, K, T], output [N, K, H, W];
+// T = N * ceil(H / tile) * ceil(W / tile).
 void winograd_check(const View& ref, int ndim) {
   if (ref.device != DeviceKind::cpu) throw ValueError("detrcore winograd: " + arg(ref) + " must be a CPU tensor");
   if (ref.dtype != DType::f32 && ref.dtype != DType::f64)
@@ -678,6 +679,12 @@ void winograd_check(const View& ref, int ndim) {
   if (ref.ndim != ndim)
     throw ValueError(arg(ref) + " must have " + std::to_string(ndim) + " dimensions, got shape " + ref.shape_str());
   check_contiguous(ref);
+}
+
+int64_t winograd_points_arg(int tile) {
+  if (tile != 2 && tile != 4) throw ValueError("tile must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3)), got " +
+                                               std::to_string(tile));
+  return winograd_points(tile);
 }
 
 template <typename Fn>
@@ -690,78 +697,85 @@ void f32_f64_dispatch(DType t, Fn&& fn) {
   }
 }
 
-void winograd_weight(py::handle w_, py::handle out_, int num_threads) {
+void winograd_weight(py::handle w_, py::handle out_, int num_threads, int tile) {
+  const int64_t P = winograd_points_arg(tile);
   Arg w(w_, "weight"), out(out_, "out");
   winograd_check(w.v, 4);
   if (w.v.size(2) != 3 || w.v.size(3) != 3)
     throw ValueError("weight must be [K, C, 3, 3], got shape " + w.v.shape_str());
   const int64_t K = w.v.size(0), C = w.v.size(1);
-  check_out(w.v, out.v, {16, K, C});
+  check_out(w.v, out.v, {P, K, C});
   f32_f64_dispatch(w.v.dtype, [&](auto t) {
     using T = decltype(t);
-    winograd_weight_cpu<T>(w.v.ptr<T>(), out.v.ptr<T>(), K * C, threads_arg(num_threads));
+    winograd_weight_cpu<T>(w.v.ptr<T>(), out.v.ptr<T>(), K * C, threads_arg(num_threads), tile);
   });
 }
 
-void winograd_weight_adjoint(py::handle g_, py::handle out_, int num_threads) {
+void winograd_weight_adjoint(py::handle g_, py::handle out_, int num_threads, int tile) {
+  const int64_t P = winograd_points_arg(tile);
   Arg g(g_, "grad"), out(out_, "grad_weight");
   winograd_check(g.v, 3);
-  if (g.v.size(0) != 16) throw ValueError("grad must be [16, K, C], got shape " + g.v.shape_str());
+  if (g.v.size(0) != P)
+    throw ValueError("grad must be [" + std::to_string(P) + ", K, C], got shape " + g.v.shape_str());
   const int64_t K = g.v.size(1), C = g.v.size(2);
   check_out(g.v, out.v, {K, C, 3, 3});
   f32_f64_dispatch(g.v.dtype, [&](auto t) {
     using T = decltype(t);
-    winograd_weight_adjoint_cpu<T>(g.v.ptr<T>(), out.v.ptr<T>(), K * C, threads_arg(num_threads));
+    winograd_weight_adjoint_cpu<T>(g.v.ptr<T>(), out.v.ptr<T>(), K * C, threads_arg(num_threads), tile);
   });
 }
 
-// [N, C, H, W] image -> [16, C, T] tile values (input transform, output adjoint).
+// [N, C, H, W] image -> [P, C, T] tile values (input transform, output adjoint).
 template <typename Kernel>
 void winograd_to_tiles(py::handle x_, py::handle out_, const char* x_name, const char* out_name, int num_threads,
-                       Kernel kernel) {
+                       int tile, Kernel kernel) {
+  const int64_t P = winograd_points_arg(tile);
   Arg x(x_, x_name), out(out_, out_name);
   winograd_check(x.v, 4);
   const int64_t N = x.v.size(0), C = x.v.size(1), H = x.v.size(2), W = x.v.size(3);
-  check_out(x.v, out.v, {16, C, winograd_tiles(N, H, W)});
+  check_out(x.v, out.v, {P, C, winograd_tiles(N, H, W, tile)});
   f32_f64_dispatch(x.v.dtype, [&](auto t) {
     using T = decltype(t);
-    kernel(x.v.ptr<T>(), out.v.ptr<T>(), N, C, H, W, threads_arg(num_threads));
+    kernel(x.v.ptr<T>(), out.v.ptr<T>(), N, C, H, W, threads_arg(num_threads), tile);
   });
 }
 
-// [16, C, T] tile values -> [N, C, H, W] image of out's size (input adjoint, output transform).
+// [P, C, T] tile values -> [N, C, H, W] image of out's size (input adjoint, output transform).
 template <typename Kernel>
 void winograd_from_tiles(py::handle m_, py::handle bias_, py::handle out_, const char* m_name, const char* out_name,
-                         int num_threads, Kernel kernel) {
+                         int num_threads, int tile, Kernel kernel) {
+  const int64_t P = winograd_points_arg(tile);
   Arg m(m_, m_name), out(out_, out_name);
   std::optional<Arg> bias;
   if (!bias_.is_none()) bias.emplace(bias_, "bias");
   winograd_check(m.v, 3);
   winograd_check(out.v, 4);
   const int64_t N = out.v.size(0), C = out.v.size(1), H = out.v.size(2), W = out.v.size(3);
-  check_like(out.v, m.v, {16, C, winograd_tiles(N, H, W)});
+  check_like(out.v, m.v, {P, C, winograd_tiles(N, H, W, tile)});
   check_writable(out.v);
   if (bias) check_like(out.v, bias->v, {C});
   f32_f64_dispatch(m.v.dtype, [&](auto t) {
     using T = decltype(t);
-    kernel(m.v.ptr<T>(), bias ? bias->v.ptr<T>() : nullptr, out.v.ptr<T>(), N, C, H, W, threads_arg(num_threads));
+    kernel(m.v.ptr<T>(), bias ? bias->v.ptr<T>() : nullptr, out.v.ptr<T>(), N, C, H, W, threads_arg(num_threads),
+           tile);
   });
 }
 
-void winograd_input(py::handle x, py::handle out, int num_threads) {
-  winograd_to_tiles(x, out, "input", "out", num_threads, [](auto... a) { winograd_input_cpu(a...); });
+void winograd_input(py::handle x, py::handle out, int num_threads, int tile) {
+  winograd_to_tiles(x, out, "input", "out", num_threads, tile, [](auto... a) { winograd_input_cpu(a...); });
 }
 
-void winograd_output_adjoint(py::handle g, py::handle out, int num_threads) {
-  winograd_to_tiles(g, out, "grad", "grad_m", num_threads, [](auto... a) { winograd_output_adjoint_cpu(a...); });
+void winograd_output_adjoint(py::handle g, py::handle out, int num_threads, int tile) {
+  winograd_to_tiles(g, out, "grad", "grad_m", num_threads, tile,
+                    [](auto... a) { winograd_output_adjoint_cpu(a...); });
 }
 
-void winograd_output(py::handle m, py::handle bias, py::handle out, int num_threads) {
-  winograd_from_tiles(m, bias, out, "m", "out", num_threads, [](auto... a) { winograd_output_cpu(a...); });
+void winograd_output(py::handle m, py::handle bias, py::handle out, int num_threads, int tile) {
+  winograd_from_tiles(m, bias, out, "m", "out", num_threads, tile, [](auto... a) { winograd_output_cpu(a...); });
 }
 
-void winograd_input_adjoint(py::handle g, py::handle out, int num_threads) {
-  winograd_from_tiles(g, py::none(), out, "grad", "grad_input", num_threads,
+void winograd_input_adjoint(py::handle g, py::handle out, int num_threads, int tile) {
+  winograd_from_tiles(g, py::none(), out, "grad", "grad_input", num_threads, tile,
                       [](auto g, auto, auto... a) { winograd_input_adjoint_cpu(g, a...); });
 }
 
@@ -1130,18 +1144,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("relu_dropout_backward", &relu_dropout_backward, py::arg("grad"), py::arg("output"), py::arg("grad_input"),
         py::arg("p"), nt, py::arg("column_sums") = py::none(),
         "grad_input = output > 0 ? scale * grad : 0; column_sums [cols] (optional): its sums over the rows.");
-  m.def("winograd_weight", &winograd_weight, py::arg("weight"), py::arg("out"), nt,
-        "Winograd F(2x2, 3x3) weight transform: weight [K, C, 3, 3] -> out [16, K, C] (G w G^T).");
-  m.def("winograd_weight_adjoint", &winograd_weight_adjoint, py::arg("grad"), py::arg("grad_weight"), nt,
-        "Adjoint of winograd_weight: grad [16, K, C] -> grad_weight [K, C, 3, 3].");
-  m.def("winograd_input", &winograd_input, py::arg("input"), py::arg("out"), nt,
-        "Winograd input transform of 4x4 patches at stride 2, padding 1: input [N, C, H, W] -> out [16, C, T].");
-  m.def("winograd_input_adjoint", &winograd_input_adjoint, py::arg("grad"), py::arg("grad_input"), nt,
-        "Adjoint of winograd_input: grad [16, C, T] -> grad_input [N, C, H, W].");
-  m.def("winograd_output", &winograd_output, py::arg("m"), py::arg("bias"), py::arg("out"), nt,
-        "Winograd output transform: m [16, K, T] (+ bias [K] or None) -> out [N, K, H, W].");
-  m.def("winograd_output_adjoint", &winograd_output_adjoint, py::arg("grad"), py::arg("grad_m"), nt,
-        "Adjoint of winograd_output: grad [N, K, H, W] -> grad_m [16, K, T].");
+  const auto tile = py::arg("tile") = 2;
+  m.def("winograd_weight", &winograd_weight, py::arg("weight"), py::arg("out"), nt, tile,
+        "Winograd F(tile x tile, 3x3) weight transform (tile 2 or 4): weight [K, C, 3, 3] -> out [P, K, C] (G w G^T), "
+        "P = (tile + 2)^2.");
+  m.def("winograd_weight_adjoint", &winograd_weight_adjoint, py::arg("grad"), py::arg("grad_weight"), nt, tile,
+        "Adjoint of winograd_weight: grad [P, K, C] -> grad_weight [K, C, 3, 3].");
+  m.def("winograd_input", &winograd_input, py::arg("input"), py::arg("out"), nt, tile,
+        "Winograd input transform of (tile + 2)^2 patches at stride tile, padding 1: input [N, C, H, W] -> out "
+        "[P, C, T], T = N * ceil(H / tile) * ceil(W / tile).");
+  m.def("winograd_input_adjoint", &winograd_input_adjoint, py::arg("grad"), py::arg("grad_input"), nt, tile,
+        "Adjoint of winograd_input: grad [P, C, T] -> grad_input [N, C, H, W].");
+  m.def("winograd_output", &winograd_output, py::arg("m"), py::arg("bias"), py::arg("out"), nt, tile,
+        "Winograd output transform: m [P, K, T] (+ bias [K] or None) -> out [N, K, H, W].");
+  m.def("winograd_output_adjoint", &winograd_output_adjoint, py::arg("grad"), py::arg("grad_m"), nt, tile,
+        "Adjoint of winograd_output: grad [N, K, H, W] -> grad_m [P, K, T].");
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),
         py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("out"),
         nt, s, py::arg("coord_shapes") = py::none(),

@@ -274,70 +274,350 @@ DETRCORE_ELEMENTWISE_CLONES void output_adjoint_planes(const T* __restrict gy, T
   }
 }
 
+// ---- F(4x4, 3x3): 6x6 patches at stride 4, 36 positions ----
+// The same structure as above with Lavin & Gray's 4x4-output matrices (interpolation points 0, +-1, +-2, infinity):
+//   B^T = [4  0 -5  0 1 0]    G = [ 1/4     0    0 ]    A^T = [1 1  1 1  1 0]
+//         [0 -4 -4  1 1 0]        [-1/6 -1/6 -1/6 ]          [0 1 -1 2 -2 0]
+//         [0  4 -4 -1 1 0]        [-1/6  1/6 -1/6 ]          [0 1  1 4  4 0]
+//         [0 -2 -1  2 1 0]        [1/24 1/12  1/6 ]          [0 1 -1 8 -8 1]
+//         [0  2 -1 -2 1 0]        [1/24 -1/12 1/6 ]
+//         [0  4  0 -5 0 1]        [  0     0    1 ]
+// 36 multiplies per 16 outputs instead of 144 (4x fewer; F(2x2) has 2.25x). The constants are small integers but
+// for G's 1/6, 1/12 and 1/24, so the transforms round (about an ulp of the weights); the larger constants make the
+// result's rounding a few times that of F(2x2).
+// Each helper applies one 1-D matrix to a strided vector: x[0], x[xs], ...; y[0], y[ys], ...
+
+#define DETRCORE_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+DETRCORE_INLINE void bt6(const T* x, int64_t xs, T* y, int64_t ys) {  // y = B^T x
+  const T x0 = x[0], x1 = x[xs], x2 = x[2 * xs], x3 = x[3 * xs], x4 = x[4 * xs], x5 = x[5 * xs];
+  y[0] = T(4) * x0 - T(5) * x2 + x4;
+  y[ys] = (x3 + x4) - T(4) * (x1 + x2);
+  y[2 * ys] = (x4 - x3) + T(4) * (x1 - x2);
+  y[3 * ys] = (x4 - x2) + T(2) * (x3 - x1);
+  y[4 * ys] = (x4 - x2) - T(2) * (x3 - x1);
+  y[5 * ys] = T(4) * x1 - T(5) * x3 + x5;
+}
+
+template <typename T>
+DETRCORE_INLINE void b6(const T* y, int64_t ys, T* x, int64_t xs) {  // x = B y (adjoint of bt6)
+  const T y0 = y[0], y1 = y[ys], y2 = y[2 * ys], y3 = y[3 * ys], y4 = y[4 * ys], y5 = y[5 * ys];
+  x[0] = T(4) * y0;
+  x[xs] = T(4) * (y2 - y1 + y5) + T(2) * (y4 - y3);
+  x[2 * xs] = -(T(5) * y0 + T(4) * (y1 + y2) + y3 + y4);
+  x[3 * xs] = (y1 - y2) + T(2) * (y3 - y4) - T(5) * y5;
+  x[4 * xs] = y0 + y1 + y2 + y3 + y4;
+  x[5 * xs] = y5;
+}
+
+template <typename T>
+DETRCORE_INLINE void at6(const T* m, int64_t ms, T* o, int64_t os) {  // o = A^T m (6 -> 4)
+  const T m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms], m5 = m[5 * ms];
+  const T s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+  o[0] = m0 + s12 + s34;
+  o[os] = d12 + T(2) * d34;
+  o[2 * os] = s12 + T(4) * s34;
+  o[3 * os] = d12 + T(8) * d34 + m5;
+}
+
+template <typename T>
+DETRCORE_INLINE void a6(const T* g, int64_t gs, T* m, int64_t ms) {  // m = A g (4 -> 6, adjoint of at6)
+  const T g0 = g[0], g1 = g[gs], g2 = g[2 * gs], g3 = g[3 * gs];
+  const T e = g0 + g2, o = g1 + g3, e4 = g0 + T(4) * g2, o8 = T(2) * g1 + T(8) * g3;
+  m[0] = g0;
+  m[ms] = e + o;
+  m[2 * ms] = e - o;
+  m[3 * ms] = e4 + o8;
+  m[4 * ms] = e4 - o8;
+  m[5 * ms] = g3;
+}
+
+template <typename T>
+DETRCORE_INLINE void g6(const T* w, int64_t ws, T* u, int64_t us) {  // u = G w (3 -> 6)
+  const T w0 = w[0], w1 = w[ws], w2 = w[2 * ws];
+  const T s = w0 + w2, q = T(0.25) * w0 + w2;
+  u[0] = T(0.25) * w0;
+  u[us] = -(s + w1) / T(6);
+  u[2 * us] = (w1 - s) / T(6);
+  u[3 * us] = (q + T(0.5) * w1) / T(6);
+  u[4 * us] = (q - T(0.5) * w1) / T(6);
+  u[5 * us] = w2;
+}
+
+template <typename T>
+DETRCORE_INLINE void gt6(const T* u, int64_t us, T* w, int64_t ws) {  // w = G^T u (6 -> 3, adjoint of g6)
+  const T u0 = u[0], u1 = u[us], u2 = u[2 * us], u3 = u[3 * us], u4 = u[4 * us], u5 = u[5 * us];
+  const T s12 = u1 + u2, s34 = u3 + u4;
+  w[0] = T(0.25) * u0 + (T(0.25) * s34 - s12) / T(6);
+  w[ws] = ((u2 - u1) + T(0.5) * (u3 - u4)) / T(6);
+  w[2 * ws] = (s34 - s12) / T(6) + u5;
+}
+
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void weight4_range(const T* __restrict w, T* __restrict U, int64_t i0, int64_t i1,
+                                               int64_t KC) {
+  T g[9][kBlock], buf[36 * kBlock];
+  for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
+    const int64_t nb = std::min(kBlock, i1 - b0);
+    const T* wb = w + b0 * 9;
+    for (int64_t e = 0; e < nb; ++e)
+      for (int q = 0; q < 9; ++q) g[q][e] = wb[e * 9 + q];
+#pragma GCC ivdep  // the stores' streams never overlap
+    for (int64_t e = 0; e < nb; ++e) {
+      T a[6][3];
+      #pragma GCC unroll 6
+      for (int q = 0; q < 3; ++q) g6(&g[q][e], 3 * kBlock, &a[0][q], 3);  // rows: G g
+      #pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) g6(&a[r][0], 1, buf + 6 * r * kBlock + e, kBlock);  // columns: (G g) G^T
+    }
+    for (int xi = 0; xi < 36; ++xi) std::copy_n(buf + xi * kBlock, nb, U + xi * KC + b0);
+  }
+}
+
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void weight4_adjoint_range(const T* __restrict gU, T* __restrict gw, int64_t i0,
+                                                       int64_t i1, int64_t KC) {
+  for (int64_t i = i0; i < i1; ++i) {
+    T a[6][3];
+    #pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) gt6(gU + 6 * r * KC + i, KC, &a[r][0], 1);  // adjoint of the columns
+    #pragma GCC unroll 6
+    for (int q = 0; q < 3; ++q) gt6(&a[0][q], 3, gw + i * 9 + q, 3);        // adjoint of the rows
+  }
+}
+
+// As input_planes with 6x6 patches at stride 4: each padded patch row is split into its four column phases
+// (quarter[(4 i + phase) * Tq + m] = padded column 4 m + phase) so that the tile loop reads unit-stride.
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void input4_planes(const T* __restrict x, T* __restrict V, T* __restrict rows,
+                                               T* __restrict quarter, T* __restrict loc, int64_t p0, int64_t p1,
+                                               int64_t N, int64_t C, int64_t H, int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, Tq = TW + 1, TP = TH * TW;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p / N, n = p % N;
+    const T* plane = x + (n * C + c) * H * W;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      for (int64_t i = 0; i < 6; ++i) {
+        const int64_t r = 4 * ty - 1 + i;
+        std::fill(rows, rows + 4 * Tq, T(0));
+        if (r >= 0 && r < H) std::copy_n(plane + r * W, W, rows + 1);
+        T* __restrict q = quarter + 4 * i * Tq;
+        for (int64_t m = 0; m < Tq; ++m) {
+          q[m] = rows[4 * m];
+          q[Tq + m] = rows[4 * m + 1];
+          q[2 * Tq + m] = rows[4 * m + 2];
+          q[3 * Tq + m] = rows[4 * m + 3];
+        }
+      }
+      T* __restrict o = loc + ty * TW;
+#pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        T d[6][6], a[6][6];
+        #pragma GCC unroll 6
+        for (int i = 0; i < 6; ++i) {  // patch row i, columns 0..5: phases 0..3 of tile tx, phases 0, 1 of tx + 1
+          const T* q = quarter + 4 * i * Tq;
+          d[i][0] = q[tx], d[i][1] = q[Tq + tx], d[i][2] = q[2 * Tq + tx], d[i][3] = q[3 * Tq + tx];
+          d[i][4] = q[tx + 1], d[i][5] = q[Tq + tx + 1];
+        }
+        #pragma GCC unroll 6
+        for (int j = 0; j < 6; ++j) bt6(&d[0][j], 6, &a[0][j], 6);               // rows: B^T d
+        #pragma GCC unroll 6
+        for (int r = 0; r < 6; ++r) bt6(&a[r][0], 1, o + 6 * r * TP + tx, TP);  // columns: (B^T d) B
+      }
+    }
+    for (int xi = 0; xi < 36; ++xi) std::copy_n(loc + xi * TP, TP, V + (xi * C + c) * Tn + n * TP);
+  }
+}
+
+// Small maps have few tiles per row (5 at 16 x 20), so the tile-4 kernels below vectorise over all TH * TW tiles of
+// a plane, through a [positions][TH * TW] buffer, and gather or scatter the 4x4 / 6x6 blocks in a separate pass.
+// Input adjoint: each tile's 36 gradient values become its 6x6 patch gradient E[6 i + j][tile], then every pixel
+// sums the patches that cover it. scratch: 36 * TH * TW + (4 * TH + 2) * (4 * TW + 2).
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void input4_adjoint_planes(const T* __restrict gV, T* __restrict gx,
+                                                       T* __restrict scratch, int64_t p0, int64_t p1, int64_t N,
+                                                       int64_t C, int64_t H, int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, TP = TH * TW, Wb = 4 * TW + 2;
+  T* __restrict E = scratch;
+  T* __restrict pad = scratch + 36 * TP;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p / N, n = p % N;
+    const T* __restrict g = gV + c * Tn + n * TP;
+    const int64_t st = C * Tn;
+#pragma GCC ivdep  // the stores' streams never overlap
+    for (int64_t t = 0; t < TP; ++t) {
+      T a[6][6];
+      #pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) b6(g + 6 * r * st + t, st, &a[r][0], 1);  // adjoint of the columns
+      #pragma GCC unroll 6
+      for (int j = 0; j < 6; ++j) b6(&a[0][j], 6, E + j * TP + t, 6 * TP);   // adjoint of the rows
+    }
+    // Overlap-add of the patches into the zero-padded image (padded row 4 ty + i, column 4 tx + j), then its
+    // interior out.
+    std::fill(pad, pad + (4 * TH + 2) * Wb, T(0));
+    for (int64_t ty = 0; ty < TH; ++ty)
+      #pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) {
+        T* __restrict row = pad + (4 * ty + i) * Wb;
+        const T* __restrict e = E + 6 * i * TP + ty * TW;
+        for (int64_t tx = 0; tx < TW; ++tx)
+          #pragma GCC unroll 6
+          for (int j = 0; j < 6; ++j) row[4 * tx + j] += e[j * TP + tx];
+      }
+    T* plane = gx + (n * C + c) * H * W;
+    for (int64_t r = 0; r < H; ++r) std::copy_n(pad + (r + 1) * Wb + 1, W, plane + r * W);
+  }
+}
+
+// Output: each tile's 16 values into buf[4 a + b][tile], then scattered to the image (rows and columns past it
+// dropped). buf: 16 * TH * TW.
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void output4_planes(const T* __restrict M, const T* __restrict bias, T* __restrict y,
+                                                T* __restrict buf, int64_t p0, int64_t p1, int64_t K, int64_t H,
+                                                int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, TP = TH * TW, st = K * Tn;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / K, k = p % K;
+    const T b0 = bias ? bias[k] : T(0);
+    const T* __restrict m = M + k * Tn + n * TP;
+#pragma GCC ivdep  // the stores' streams never overlap
+    for (int64_t t = 0; t < TP; ++t) {
+      T a[4][6];
+      #pragma GCC unroll 6
+      for (int j = 0; j < 6; ++j) at6(m + j * st + t, 6 * st, &a[0][j], 6);  // rows: A^T m
+      #pragma GCC unroll 6
+      for (int r = 0; r < 4; ++r) at6(&a[r][0], 1, buf + 4 * r * TP + t, TP);  // columns: (A^T m) A
+    }
+    T* __restrict plane = y + p * H * W;
+    for (int64_t r = 0; r < H; ++r) {
+      const T* __restrict row = buf + 4 * (r % 4) * TP + (r / 4) * TW;
+      for (int64_t x = 0; x < W; ++x) plane[r * W + x] = row[(x % 4) * TP + x / 4] + b0;
+    }
+  }
+}
+
+// Through a [36][TH * TW] buffer, as output_adjoint_planes. scratch: 4 * (4 * TW) (the tile row's four gradient
+// rows, zero past the image) + 36 * TH * TW.
+template <typename T>
+DETRCORE_ELEMENTWISE_CLONES void output4_adjoint_planes(const T* __restrict gy, T* __restrict gM,
+                                                        T* __restrict scratch, int64_t p0, int64_t p1, int64_t N,
+                                                        int64_t K, int64_t H, int64_t W, int64_t Tn) {
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, W4 = 4 * TW, TP = TH * TW;
+  T* __restrict l = scratch;
+  T* __restrict loc = scratch + 4 * W4;
+  std::fill(l, l + 4 * W4, T(0));
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t k = p / N, n = p % N;
+    const T* plane = gy + (n * K + k) * H * W;
+    for (int64_t ty = 0; ty < TH; ++ty) {
+      for (int64_t r = 0; r < 4; ++r) {
+        if (4 * ty + r < H) {
+          std::copy_n(plane + (4 * ty + r) * W, W, l + r * W4);
+        } else {
+          std::fill(l + r * W4, l + r * W4 + W, T(0));
+        }
+      }
+      T* __restrict g = loc + ty * TW;
+#pragma GCC ivdep  // the stores' streams never overlap
+      for (int64_t tx = 0; tx < TW; ++tx) {
+        T a[4][6];
+        #pragma GCC unroll 6
+        for (int r = 0; r < 4; ++r) a6(l + r * W4 + 4 * tx, 1, &a[r][0], 1);  // adjoint of the columns
+        #pragma GCC unroll 6
+        for (int j = 0; j < 6; ++j) a6(&a[0][j], 6, g + j * TP + tx, 6 * TP);   // adjoint of the rows
+      }
+    }
+    for (int xi = 0; xi < 36; ++xi) std::copy_n(loc + xi * TP, TP, gM + (xi * K + k) * Tn + n * TP);
+  }
+}
+
+#undef DETRCORE_INLINE
+
 }  // namespace
 
 template <typename T>
-void winograd_weight_cpu(const T* w, T* U, int64_t KC, int num_threads) {
+void winograd_weight_cpu(const T* w, T* U, int64_t KC, int num_threads, int tile) {
   if (KC <= 0) return;
-  parallel_for(KC, kElementwiseGrain / 16, num_threads,
-               [&](int64_t i0, int64_t i1) { weight_range<T>(w, U, i0, i1, KC); });
-}
-
-template <typename T>
-void winograd_weight_adjoint_cpu(const T* gU, T* gw, int64_t KC, int num_threads) {
-  if (KC <= 0) return;
-  parallel_for(KC, kElementwiseGrain / 16, num_threads,
-               [&](int64_t i0, int64_t i1) { weight_adjoint_range<T>(gU, gw, i0, i1, KC); });
-}
-
-template <typename T>
-void winograd_input_cpu(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads) {
-  if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return;
-  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TP = ((H + 1) / 2) * TW;
-  parallel_for(N * C, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
-    std::vector<T> rows(2 * TW + 2), half(8 * (TW + 1)), loc(16 * TP);
-    input_planes<T>(x, V, rows.data(), half.data(), loc.data(), p0, p1, N, C, H, W, Tn);
+  parallel_for(KC, kElementwiseGrain / winograd_points(tile), num_threads, [&](int64_t i0, int64_t i1) {
+    tile == 4 ? weight4_range<T>(w, U, i0, i1, KC) : weight_range<T>(w, U, i0, i1, KC);
   });
 }
 
 template <typename T>
-void winograd_input_adjoint_cpu(const T* gV, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads) {
+void winograd_weight_adjoint_cpu(const T* gU, T* gw, int64_t KC, int num_threads, int tile) {
+  if (KC <= 0) return;
+  parallel_for(KC, kElementwiseGrain / winograd_points(tile), num_threads, [&](int64_t i0, int64_t i1) {
+    tile == 4 ? weight4_adjoint_range<T>(gU, gw, i0, i1, KC) : weight_adjoint_range<T>(gU, gw, i0, i1, KC);
+  });
+}
+
+template <typename T>
+void winograd_input_cpu(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads, int tile) {
   if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return;
-  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TH = (H + 1) / 2;
+  const int64_t Tn = winograd_tiles(N, H, W, tile), TW = (W + tile - 1) / tile, TP = ((H + tile - 1) / tile) * TW;
   parallel_for(N * C, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
-    std::vector<T> scratch(16 * (TH + 2) * (TW + 2) + 2 * TW);
-    input_adjoint_planes<T>(gV, gx, scratch.data(), p0, p1, N, C, H, W, Tn);
+    if (tile == 4) {
+      std::vector<T> rows(4 * TW + 4), quarter(24 * (TW + 1)), loc(36 * TP);
+      input4_planes<T>(x, V, rows.data(), quarter.data(), loc.data(), p0, p1, N, C, H, W, Tn);
+    } else {
+      std::vector<T> rows(2 * TW + 2), half(8 * (TW + 1)), loc(16 * TP);
+      input_planes<T>(x, V, rows.data(), half.data(), loc.data(), p0, p1, N, C, H, W, Tn);
+    }
+  });
+}
+
+template <typename T>
+void winograd_input_adjoint_cpu(const T* gV, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads,
+                                int tile) {
+  if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return;
+  const int64_t Tn = winograd_tiles(N, H, W, tile), TW = (W + tile - 1) / tile, TH = (H + tile - 1) / tile;
+  parallel_for(N * C, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
+    if (tile == 4) {
+      std::vector<T> scratch(36 * TH * TW + (4 * TH + 2) * (4 * TW + 2));
+      input4_adjoint_planes<T>(gV, gx, scratch.data(), p0, p1, N, C, H, W, Tn);
+    } else {
+      std::vector<T> scratch(16 * (TH + 2) * (TW + 2) + 2 * TW);
+      input_adjoint_planes<T>(gV, gx, scratch.data(), p0, p1, N, C, H, W, Tn);
+    }
   });
 }
 
 template <typename T>
 void winograd_output_cpu(const T* M, const T* bias, T* y, int64_t N, int64_t K, int64_t H, int64_t W,
-                         int num_threads) {
+                         int num_threads, int tile) {
   if (N <= 0 || K <= 0 || H <= 0 || W <= 0) return;
-  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2;
+  const int64_t Tn = winograd_tiles(N, H, W, tile), TW = (W + tile - 1) / tile;
   parallel_for(N * K, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
-    std::vector<T> line(4 * TW);
-    output_planes<T>(M, bias, y, line.data(), p0, p1, K, H, W, Tn);
+    if (tile == 4) {
+      std::vector<T> buf(16 * ((H + 3) / 4) * TW);
+      output4_planes<T>(M, bias, y, buf.data(), p0, p1, K, H, W, Tn);
+    } else {
+      std::vector<T> line(4 * TW);
+      output_planes<T>(M, bias, y, line.data(), p0, p1, K, H, W, Tn);
+    }
   });
 }
 
 template <typename T>
-void winograd_output_adjoint_cpu(const T* gy, T* gM, int64_t N, int64_t K, int64_t H, int64_t W, int num_threads) {
+void winograd_output_adjoint_cpu(const T* gy, T* gM, int64_t N, int64_t K, int64_t H, int64_t W, int num_threads,
+                                 int tile) {
   if (N <= 0 || K <= 0 || H <= 0 || W <= 0) return;
-  const int64_t Tn = winograd_tiles(N, H, W), TW = (W + 1) / 2, TP = ((H + 1) / 2) * TW;
+  const int64_t Tn = winograd_tiles(N, H, W, tile), TW = (W + tile - 1) / tile, TP = ((H + tile - 1) / tile) * TW;
   parallel_for(N * K, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
-    std::vector<T> scratch(4 * TW + 16 * TP);
-    output_adjoint_planes<T>(gy, gM, scratch.data(), p0, p1, N, K, H, W, Tn);
+    std::vector<T> scratch(tile * tile * TW + winograd_points(tile) * TP);
+    tile == 4 ? output4_adjoint_planes<T>(gy, gM, scratch.data(), p0, p1, N, K, H, W, Tn)
+              : output_adjoint_planes<T>(gy, gM, scratch.data(), p0, p1, N, K, H, W, Tn);
   });
 }
 
 #define DETRCORE_INSTANTIATE(T)                                                                          \
-  template void winograd_weight_cpu<T>(const T*, T*, int64_t, int);                                      \
-  template void winograd_weight_adjoint_cpu<T>(const T*, T*, int64_t, int);                              \
-  template void winograd_input_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);            \
-  template void winograd_input_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);    \
-  template void winograd_output_cpu<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int); \
-  template void winograd_output_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int);
+  template void winograd_weight_cpu<T>(const T*, T*, int64_t, int, int);                                      \
+  template void winograd_weight_adjoint_cpu<T>(const T*, T*, int64_t, int, int);                              \
+  template void winograd_input_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);            \
+  template void winograd_input_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);    \
+  template void winograd_output_cpu<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int); \
+  template void winograd_output_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)
 #undef DETRCORE_INSTANTIATE

@@ -22,7 +22,8 @@ def tiny_benchmarks(monkeypatch):
     monkeypatch.setattr(assignment, "BATCH", (3, 12, 4))
     monkeypatch.setattr(msda, "CPU_LEVELS", [(6, 5), (3, 3)])
     monkeypatch.setattr(conv, "time_interleaved", functools.partial(_common.time_interleaved, min_time=0.001))
-    monkeypatch.setattr(conv, "SHAPES", [(2, 128, 16, 16), (1, 8, 5, 7)])  # 128 tiles: Winograd; 8 channels: torch
+    # 128 2x2 tiles: F(2x2); 50 4x4 tiles: F(4x4); 8 channels: torch
+    monkeypatch.setattr(conv, "SHAPES", [(2, 128, 16, 16), (2, 128, 20, 20), (1, 8, 5, 7)])
 
 
 def test_interleaved_timing_goes_round_robin():
@@ -59,7 +60,7 @@ def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
     assert modes == {(s, m) for s in ("encoder", "decoder") for m in ("fwd", "fwd+bwd")}
     assert all(r["speedup_vs_reference"] > 0 for r in attn["results"])
     convs = json.loads((tmp_path / "conv_cpu.json").read_text())
-    assert [r["path"] for r in convs["results"]] == ["winograd", "torch"]
+    assert [r["path"] for r in convs["results"]] == ["winograd F(2x2)", "winograd F(4x4)", "torch"]
     assert all(r["torch_ms"] > 0 and r["detrcore_ms"] > 0 for r in convs["results"])
 
 

@@ -288,34 +288,34 @@ static void test_frozen_bn() {
   }
 }
 
-// Winograd F(2x2, 3x3): transforms around naive products against a direct convolution (forward, input and weight
-// gradients) in double, odd sizes included.
-static void test_winograd() {
+// Winograd F(2x2, 3x3) and F(4x4, 3x3): transforms around naive products against a direct convolution (forward,
+// input and weight gradients) in double, odd sizes included.
+static void test_winograd(int tile) {
   for (auto [N, C, K, H, W] : {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 1, 1}, {2, 3, 4, 5, 7},
-                               {1, 2, 3, 6, 2}, {3, 5, 2, 9, 8}}) {
-    const int64_t T = winograd_tiles(N, H, W);
+                               {1, 2, 3, 6, 2}, {3, 5, 2, 9, 8}, {1, 2, 2, 13, 11}}) {
+    const int64_t T = winograd_tiles(N, H, W, tile), P = winograd_points(tile);
     std::vector<double> x(N * C * H * W), w(K * C * 9), g(N * K * H * W);
     for (auto* v : {&x, &w, &g})
       for (auto& e : *v) e = uni(-1, 1);
-    std::vector<double> U(16 * K * C), V(16 * C * T), M(16 * K * T, 0.0), y(N * K * H * W);
-    winograd_weight_cpu<double>(w.data(), U.data(), K * C, 2);
-    winograd_input_cpu<double>(x.data(), V.data(), N, C, H, W, 3);
-    for (int64_t xi = 0; xi < 16; ++xi)  // M = U V per position xi
+    std::vector<double> U(P * K * C), V(P * C * T), M(P * K * T, 0.0), y(N * K * H * W);
+    winograd_weight_cpu<double>(w.data(), U.data(), K * C, 2, tile);
+    winograd_input_cpu<double>(x.data(), V.data(), N, C, H, W, 3, tile);
+    for (int64_t xi = 0; xi < P; ++xi)  // M = U V per position xi
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t t = 0; t < T; ++t) M[(xi * K + k) * T + t] += U[(xi * K + k) * C + c] * V[(xi * C + c) * T + t];
-    winograd_output_cpu<double>(M.data(), nullptr, y.data(), N, K, H, W, 2);
-    std::vector<double> gM(16 * K * T), gV(16 * C * T, 0.0), gU(16 * K * C, 0.0), gx(N * C * H * W), gw(K * C * 9);
-    winograd_output_adjoint_cpu<double>(g.data(), gM.data(), N, K, H, W, 2);
-    for (int64_t xi = 0; xi < 16; ++xi)
+    winograd_output_cpu<double>(M.data(), nullptr, y.data(), N, K, H, W, 2, tile);
+    std::vector<double> gM(P * K * T), gV(P * C * T, 0.0), gU(P * K * C, 0.0), gx(N * C * H * W), gw(K * C * 9);
+    winograd_output_adjoint_cpu<double>(g.data(), gM.data(), N, K, H, W, 2, tile);
+    for (int64_t xi = 0; xi < P; ++xi)
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t t = 0; t < T; ++t) {
             gV[(xi * C + c) * T + t] += U[(xi * K + k) * C + c] * gM[(xi * K + k) * T + t];
             gU[(xi * K + k) * C + c] += gM[(xi * K + k) * T + t] * V[(xi * C + c) * T + t];
           }
-    winograd_input_adjoint_cpu<double>(gV.data(), gx.data(), N, C, H, W, 3);
-    winograd_weight_adjoint_cpu<double>(gU.data(), gw.data(), K * C, 1);
+    winograd_input_adjoint_cpu<double>(gV.data(), gx.data(), N, C, H, W, 3, tile);
+    winograd_weight_adjoint_cpu<double>(gU.data(), gw.data(), K * C, 1, tile);
     std::vector<double> ry(N * K * H * W, 0.0), rgx(N * C * H * W, 0.0), rgw(K * C * 9, 0.0);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k)
@@ -344,7 +344,8 @@ int main() {
   test_frozen_bn();
   test_msda();
   test_msda_simd();
-  test_winograd();
+  test_winograd(2);
+  test_winograd(4);
   std::printf("test_kernels: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -105,19 +105,20 @@ def test_frozen_bn_entry_points_never_crash(a, b, c, s, t, relu, residual, well_
 @SETTINGS
 @given(a=tensors(), b=tensors(), c=tensors(), data=st.data(), well_formed=st.booleans())
 def test_winograd_entry_points_never_crash(a, b, c, data, well_formed):
+    tile = data.draw(st.sampled_from([2, 4, 3]))  # 3: a named error
     if well_formed:  # matching shapes, random sizes (zeros included), so the kernels run
-        n, ch, k, h, w = (data.draw(st.integers(0, 5)) for _ in range(5))
+        n, ch, k, h, w = (data.draw(st.integers(0, 9)) for _ in range(5))
         dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
-        t = n * ((h + 1) // 2) * ((w + 1) // 2)
+        t = n * -(-h // max(tile, 2)) * -(-w // max(tile, 2))
         a, c = torch.randn(n, ch, h, w, dtype=dtype), torch.randn(k, ch, 3, 3, dtype=dtype)
-        b = torch.randn(16, ch, t, dtype=dtype)
-    call(_C.winograd_input, a, b)
-    call(_C.winograd_input_adjoint, b, a)
-    call(_C.winograd_output_adjoint, a, b)
-    call(_C.winograd_output, b, None, a)
-    call(_C.winograd_output, b, c, a)
-    call(_C.winograd_weight, c, b)
-    call(_C.winograd_weight_adjoint, b, c)
+        b = torch.randn((max(tile, 2) + 2) ** 2, ch, t, dtype=dtype)
+    call(_C.winograd_input, a, b, tile=tile)
+    call(_C.winograd_input_adjoint, b, a, tile=tile)
+    call(_C.winograd_output_adjoint, a, b, tile=tile)
+    call(_C.winograd_output, b, None, a, tile=tile)
+    call(_C.winograd_output, b, c, a, tile=tile)
+    call(_C.winograd_weight, c, b, tile=tile)
+    call(_C.winograd_weight_adjoint, b, c, tile=tile)
 
 
 @SETTINGS

@@ -1,5 +1,5 @@
 """3x3 stride-1 convolutions in training (forward + backward, input and weight gradients): detrcore.nn.Conv2d (its
-Winograd F(2x2, 3x3) path where it applies) vs torch's nn.Conv2d with the same weights, same run, interleaved."""
+Winograd F(4x4, 3x3) or F(2x2, 3x3) path where one applies) vs torch's nn.Conv2d with the same weights, same run, interleaved."""
 from __future__ import annotations
 
 import statistics
@@ -25,7 +25,8 @@ def run(repeats: int = 7, shapes=None) -> dict:
         ref.load_state_dict(ours.state_dict())
         x = torch.randn(n, c, h, w, requires_grad=True)
         g = torch.randn(n, c, h, w)
-        path = "winograd" if ours._winograd_applies(x) else "torch"
+        tile = ours._winograd_tile(x)
+        path = f"winograd F({tile}x{tile})" if tile else "torch"
 
         def step(conv):
             return lambda: torch.autograd.grad(conv(x), (x, conv.weight), g)

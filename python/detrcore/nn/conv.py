@@ -1,11 +1,15 @@
 """nn.Conv2d with two faster float32 CPU paths for the convolutions of DETR's backbones and necks.
 
 Winograd: in training, 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet
-bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd F(2x2, 3x3) (Lavin &
-Gray 2016; `cpp/winograd.h`): native input / output / weight transforms around 16 batched matrix products
-(torch.bmm), 2.25x fewer multiplies than a direct convolution. Forward + backward of ResNet-50's layer2 / layer3 3x3
-convolutions at the CPU benchmark's size: 11.4 -> 7.8 and 11.8 -> 7.3 ms (2 threads, Zen 4). The transforms'
-constants are 0, +-1 and +-1/2, exact in floating point: results agree with torch's convolution to float rounding.
+bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd convolutions (Lavin &
+Gray 2016; `cpp/winograd.h`): native input / output / weight transforms around batched matrix products (torch.bmm).
+F(4x4, 3x3) (36 products, 4x fewer multiplies than a direct convolution) where a map has at least 40 4x4 tiles,
+else F(2x2, 3x3) (16 products, 2.25x fewer): with few tiles the products' short rows cost more than the multiplies
+saved. Forward + backward, 2 threads, Zen 4, direct / F(2x2) / F(4x4), in ms: ResNet-50's layer2 3x3 convolution
+at the CPU benchmark's size ([2, 128, 32, 40]) 11.7 / 8.8 / 6.0, layer3 ([2, 256, 16, 20], 40 tiles) 11.6 / 8.4 /
+7.6, layer3 at 800 x 1216 ([2, 256, 50, 76]) 130 / 108 / 51. F(2x2)'s constants are 0, +-1 and +-1/2, exact in
+floating point; F(4x4)'s reach 8 and 1/24, and its float32 results differ from torch's convolution by a few times
+F(2x2)'s rounding (relative ~1e-5).
 
 Unfold: weight-heavy convolutions with few output positions run as unfold + oneDNN matmul. Deformable DETR's extra
 feature level is a 3x3 stride-2 convolution from C5 (2048 channels) to 256: a 19 MB weight and, at the CPU
@@ -46,6 +50,11 @@ MAX_POSITIONS, MIN_ROW = 256, 8192
 # e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x). Training only: a forward alone gains too little
 # (0.6-1.4x by shape) to replace torch's convolution in inference.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
+# F(4x4, 3x3) where a map has at least 40 4x4 tiles (1.5-2.5x faster than direct there, and faster than F(2x2);
+# at 35 tiles even with F(2x2), at 20-24 slower than it) and its transformed tensors [36, channels, tiles] stay
+# within 2**18 * 36 elements (the largest measured, layer2 at 800 x 1216 at 35 MB, 1.3x faster than direct where
+# F(2x2) is 0.74x).
+WINOGRAD4_MIN_TILES, WINOGRAD4_MAX_PLANE = 40, 1 << 18
 
 
 def _output_size(h: int, w: int, kernel, stride, padding, dilation=(1, 1)) -> tuple[int, int]:
@@ -54,9 +63,9 @@ def _output_size(h: int, w: int, kernel, stride, padding, dilation=(1, 1)) -> tu
             (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1)
 
 
-def _winograd_tiles(n: int, h: int, w: int) -> int:
-    """The number of 2x2 output tiles of n images of h x w (the transformed tensors' last dimension)."""
-    return n * ((h + 1) // 2) * ((w + 1) // 2)
+def _winograd_tiles(n: int, h: int, w: int, tile: int = 2) -> int:
+    """The number of tile x tile output tiles of n images of h x w (the transformed tensors' last dimension)."""
+    return n * -(-h // tile) * -(-w // tile)
 
 
 class Conv2d(nn.Conv2d):
@@ -64,8 +73,9 @@ class Conv2d(nn.Conv2d):
         w, b = self.weight, self.bias
         training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                 or (b is not None and b.requires_grad))
-        if training and self._winograd_applies(x):
-            return _WinogradConv.apply(x, w, b)
+        tile = self._winograd_tile(x) if training else 0
+        if tile:
+            return _WinogradConv.apply(x, w, b, tile)
         if training and self._strided_1x1_applies(x):
             return F.conv2d(_Subsample.apply(x, self.stride), w, b)
         if not self._unfold_applies(x):
@@ -83,14 +93,19 @@ class Conv2d(nn.Conv2d):
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and not under_torch_func())  # torch.func: torch's convolution
 
-    def _winograd_applies(self, x: Tensor) -> bool:
-        if not self._cpu_fp32_eager(x):
-            return False
-        tiles = _winograd_tiles(x.shape[0], x.shape[2], x.shape[3])
-        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
-                and tiles * max(self.in_channels, self.out_channels) <= WINOGRAD_MAX_PLANE
-                and x.is_contiguous() and self.weight.is_contiguous())
+    def _winograd_tile(self, x: Tensor) -> int:
+        """The Winograd output tile (4 or 2) this convolution takes for x in training; 0: none."""
+        if not (self._cpu_fp32_eager(x) and self.kernel_size == (3, 3) and self.stride == (1, 1)
+                and self.padding == (1, 1) and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and x.is_contiguous() and self.weight.is_contiguous()):
+            return 0
+        n, _, h, w = x.shape
+        channels = max(self.in_channels, self.out_channels)
+        tiles4 = _winograd_tiles(n, h, w, 4)
+        if tiles4 >= WINOGRAD4_MIN_TILES and tiles4 * channels <= WINOGRAD4_MAX_PLANE:
+            return 4
+        tiles = _winograd_tiles(n, h, w)
+        return 2 if WINOGRAD_MIN_TILES <= tiles and tiles * channels <= WINOGRAD_MAX_PLANE else 0
 
     def _strided_1x1_applies(self, x: Tensor) -> bool:
         return (self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0)
@@ -156,47 +171,49 @@ class _Subsample(torch.autograd.Function):
         return grad_x, None
 
 
-def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """y = conv2d(x, weight, bias, padding=1) through Winograd F(2x2, 3x3); also the transformed weight U
-    [16, K, C] and input V [16, C, T] the backward multiplies with. x, weight: contiguous, detached."""
+def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y = conv2d(x, weight, bias, padding=1) through Winograd F(tile x tile, 3x3); also the transformed weight U
+    [P, K, C] and input V [P, C, T] the backward multiplies with (P = (tile + 2)**2). x, weight: contiguous,
+    detached."""
     n, c, h, w = x.shape
-    k, threads = weight.shape[0], _lib.num_threads()
-    u = x.new_empty(16, k, c)
-    _C.winograd_weight(weight, u, num_threads=threads)
-    v = x.new_empty(16, c, _winograd_tiles(n, h, w))
-    _C.winograd_input(x, v, num_threads=threads)
+    k, threads, points = weight.shape[0], _lib.num_threads(), (tile + 2) ** 2
+    u = x.new_empty(points, k, c)
+    _C.winograd_weight(weight, u, num_threads=threads, tile=tile)
+    v = x.new_empty(points, c, _winograd_tiles(n, h, w, tile))
+    _C.winograd_input(x, v, num_threads=threads, tile=tile)
     y = x.new_empty(n, k, h, w)
-    _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads)
+    _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads, tile=tile)
     return y, u, v
 
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        y, u, v = _winograd_forward(x.detach(), weight.detach(), None if bias is None else bias.detach())
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tile: int = 2) -> Tensor:
+        y, u, v = _winograd_forward(x.detach(), weight.detach(), None if bias is None else bias.detach(), tile)
         ctx.save_for_backward(x, weight, bias, u, v)
+        ctx.tile = tile
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, bias, u, v = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: torch's differentiable convolution, differentiated
-            return _conv_grads_differentiably(x, weight, bias, grad, ctx.needs_input_grad, (1, 1), (1, 1))
-        threads = _lib.num_threads()
+            return *_conv_grads_differentiably(x, weight, bias, grad, ctx.needs_input_grad, (1, 1), (1, 1)), None
+        threads, tile = _lib.num_threads(), ctx.tile
         grad = grad.contiguous()
-        grad_m = grad.new_empty(16, u.shape[1], v.shape[2])
-        _C.winograd_output_adjoint(grad, grad_m, num_threads=threads)
+        grad_m = grad.new_empty(u.shape[0], u.shape[1], v.shape[2])
+        _C.winograd_output_adjoint(grad, grad_m, num_threads=threads, tile=tile)
         grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = torch.empty_like(x)
-            _C.winograd_input_adjoint(torch.bmm(u.transpose(1, 2), grad_m), grad_x, num_threads=threads)
+            _C.winograd_input_adjoint(torch.bmm(u.transpose(1, 2), grad_m), grad_x, num_threads=threads, tile=tile)
         if need_w:
             grad_w = torch.empty_like(weight)
-            _C.winograd_weight_adjoint(torch.bmm(grad_m, v.transpose(1, 2)), grad_w, num_threads=threads)
+            _C.winograd_weight_adjoint(torch.bmm(grad_m, v.transpose(1, 2)), grad_w, num_threads=threads, tile=tile)
         if bias is not None and need_b:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def _conv_grads_differentiably(x, weight, bias, grad, needs_input_grad, stride, padding) -> tuple:
