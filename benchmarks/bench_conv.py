@@ -1,5 +1,5 @@
 """3x3 stride-1 convolutions in training (ResNet-50's, batch 2, at 256x320 and ~800x1216): detrcore.nn.Conv2d
-(Winograd F(2x2, 3x3) where it applies) vs torch's convolution, forward + backward. Prints a table, writes JSON.
+(Winograd F(4x4, 3x3) or F(2x2, 3x3) where one applies) vs torch's convolution, forward + backward. Prints a table, writes JSON.
 
     python benchmarks/bench_conv.py [--repeats 7] [--threads 2] [--out benchmarks/results]
 """
