@@ -333,25 +333,26 @@ DETRCORE_INLINE void a6(const T* g, int64_t gs, T* m, int64_t ms) {  // m = A g 
   m[5 * ms] = g3;
 }
 
+// G's sixths as a multiply by the rounded 1/6 (a division each cost about as much as the rest of the transform).
 template <typename T>
 DETRCORE_INLINE void g6(const T* w, int64_t ws, T* u, int64_t us) {  // u = G w (3 -> 6)
-  const T w0 = w[0], w1 = w[ws], w2 = w[2 * ws];
+  const T w0 = w[0], w1 = w[ws], w2 = w[2 * ws], sixth = T(1) / T(6);
   const T s = w0 + w2, q = T(0.25) * w0 + w2;
   u[0] = T(0.25) * w0;
-  u[us] = -(s + w1) / T(6);
-  u[2 * us] = (w1 - s) / T(6);
-  u[3 * us] = (q + T(0.5) * w1) / T(6);
-  u[4 * us] = (q - T(0.5) * w1) / T(6);
+  u[us] = -(s + w1) * sixth;
+  u[2 * us] = (w1 - s) * sixth;
+  u[3 * us] = (q + T(0.5) * w1) * sixth;
+  u[4 * us] = (q - T(0.5) * w1) * sixth;
   u[5 * us] = w2;
 }
 
 template <typename T>
 DETRCORE_INLINE void gt6(const T* u, int64_t us, T* w, int64_t ws) {  // w = G^T u (6 -> 3, adjoint of g6)
   const T u0 = u[0], u1 = u[us], u2 = u[2 * us], u3 = u[3 * us], u4 = u[4 * us], u5 = u[5 * us];
-  const T s12 = u1 + u2, s34 = u3 + u4;
-  w[0] = T(0.25) * u0 + (T(0.25) * s34 - s12) / T(6);
-  w[ws] = ((u2 - u1) + T(0.5) * (u3 - u4)) / T(6);
-  w[2 * ws] = (s34 - s12) / T(6) + u5;
+  const T s12 = u1 + u2, s34 = u3 + u4, sixth = T(1) / T(6);
+  w[0] = T(0.25) * u0 + (T(0.25) * s34 - s12) * sixth;
+  w[ws] = ((u2 - u1) + T(0.5) * (u3 - u4)) * sixth;
+  w[2 * ws] = (s34 - s12) * sixth + u5;
 }
 
 template <typename T>
@@ -430,8 +431,9 @@ DETRCORE_ELEMENTWISE_CLONES void input4_planes(const T* __restrict x, T* __restr
   }
 }
 
-// Small maps have few tiles per row (5 at 16 x 20), so the tile-4 kernels below vectorise over all TH * TW tiles of
-// a plane, through a [positions][TH * TW] buffer, and gather or scatter the 4x4 / 6x6 blocks in a separate pass.
+// Small maps have few tiles per row (5 at 16 x 20), so the input adjoint and the output transform below vectorise
+// over all TH * TW tiles of a plane, through a [positions][TH * TW] buffer, and scatter the 6x6 / 4x4 blocks in a
+// separate pass (the input transform above and the output adjoint below go by tile rows, as F(2x2)'s).
 // Input adjoint: each tile's 36 gradient values become its 6x6 patch gradient E[6 i + j][tile], then every pixel
 // sums the patches that cover it. scratch: 36 * TH * TW + (4 * TH + 2) * (4 * TW + 2).
 template <typename T>
