@@ -238,9 +238,10 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  dilation: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        # detrcore's Conv2d (detrcore.nn.conv), on the CPU in training: conv1's weight gradient as plain matrix
+        # products (it narrows the channels 2-4x), conv2 as Winograd (stride 1, layer2 and up)
+        self.conv1 = Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = FrozenBatchNorm2d(planes)
-        # detrcore's Conv2d: the 3x3 stride-1 ones of layer2 and up run as Winograd on the CPU (detrcore.nn.conv)
         self.conv2 = Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = FrozenBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)

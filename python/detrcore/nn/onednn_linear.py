@@ -42,9 +42,34 @@ def _onednn_linear_op():
 _ONEDNN = _onednn_linear_op()
 
 
+def _onednn_linear_add_op():
+    """torch's oneDNN linear with a tensor added in the product (`_linear_pointwise.binary`, "add"), or None; probed
+    as above."""
+    if _ONEDNN is None:
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.binary
+        x, w, acc = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3), torch.arange(8.0).view(2, 4)
+        if torch.equal(op(x, acc, w, None, "add"), F.linear(x, w) + acc):
+            return op
+    except (AttributeError, RuntimeError, TypeError):  # a torch without it, or another signature
+        pass
+    return None
+
+
+_ONEDNN_ADD = _onednn_linear_add_op()
+
+
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] by oneDNN; weight may be a strided view."""
     return _ONEDNN(x, weight, bias, "none", [], "")
+
+
+def _mm_add(x: Tensor, weight: Tensor, acc: Tensor) -> Tensor:
+    """acc + x @ weight^T (acc [M, N]), the sum fused into the product where torch's op has its binary form."""
+    if _ONEDNN_ADD is None:
+        return acc + _mm(x, weight, None)
+    return _ONEDNN_ADD(x, acc, weight, None, "add")
 
 
 def onednn_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
