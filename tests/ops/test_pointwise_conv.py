@@ -10,6 +10,7 @@ from detrcore.models.backbone import Bottleneck
 from detrcore.nn import Conv2d
 from detrcore.nn import conv as conv_mod
 from detrcore.nn import onednn_linear
+from tests.ops.conv_checks import assert_double_backward_matches
 
 # (in, out, batch, H, W): ResNet-50's layer3 bottleneck's first convolution at the CPU benchmark's size, odd sizes,
 # batch 1 and 3, a 1-pixel map, exactly the minimum ratio.
@@ -44,13 +45,7 @@ def test_double_backward_matches_torch():
     conv = Conv2d(6, 3, 1)
     ref = torch.nn.Conv2d(6, 3, 1)
     ref.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 6, 5, 7, requires_grad=True)
-    (g1,) = torch.autograd.grad(conv(x).square().sum(), [x], create_graph=True)
-    (h1,) = torch.autograd.grad(g1.square().sum(), [conv.weight])
-    (g2,) = torch.autograd.grad(ref(x).square().sum(), [x], create_graph=True)
-    (h2,) = torch.autograd.grad(g2.square().sum(), [ref.weight])
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(h1, h2, rtol=1e-4, atol=1e-3)
+    assert_double_backward_matches(conv, ref, torch.randn(2, 6, 5, 7, requires_grad=True))
 
 
 @pytest.mark.parametrize("what", ["widening", "stride", "padding", "float64", "autocast", "channels_last", "3x3",

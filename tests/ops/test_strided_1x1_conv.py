@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from detrcore.models.backbone import ResNet
 from detrcore.nn import Conv2d
 from detrcore.nn import conv as conv_mod
+from tests.ops.conv_checks import assert_double_backward_matches
 
 # (in, out, stride, batch, H, W): ResNet-50's layer3 shortcut at the CPU benchmark's size, odd sizes (the last
 # row / column kept or not), unequal strides, a 1-pixel map.
@@ -64,13 +65,7 @@ def test_double_backward_matches_torch():
     conv = Conv2d(6, 5, 1, 2)
     ref = torch.nn.Conv2d(6, 5, 1, 2)
     ref.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 6, 7, 9, requires_grad=True)
-    (g1,) = torch.autograd.grad(conv(x).square().sum(), [x], create_graph=True)
-    (h1,) = torch.autograd.grad(g1.square().sum(), [conv.weight])
-    (g2,) = torch.autograd.grad(ref(x).square().sum(), [x], create_graph=True)
-    (h2,) = torch.autograd.grad(g2.square().sum(), [ref.weight])
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(h1, h2, rtol=1e-4, atol=1e-3)
+    assert_double_backward_matches(conv, ref, torch.randn(2, 6, 7, 9, requires_grad=True))
 
 
 @pytest.mark.parametrize("what", ["no_grad", "stride_1", "padding", "float64", "autocast", "3x3"])

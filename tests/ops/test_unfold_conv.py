@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from detrcore.nn import Conv2d
 from detrcore.nn import onednn_linear
+from tests.ops.conv_checks import assert_double_backward_matches
 
 pytestmark = pytest.mark.skipif(onednn_linear._ONEDNN is None, reason="oneDNN linear op unavailable here")
 
@@ -100,13 +101,7 @@ def test_double_backward_matches_torch():
     conv, x = make(CASES[1])
     ref = torch.nn.Conv2d(1024, 48, 3, padding=1)
     ref.load_state_dict(conv.state_dict())
-    x32 = x.requires_grad_()  # second-order gradients through our path against torch's convolution
-    (g1,) = torch.autograd.grad(conv(x32).square().sum(), [x32], create_graph=True)
-    (h1,) = torch.autograd.grad(g1.square().sum(), [conv.weight])
-    (g2,) = torch.autograd.grad(ref(x32).square().sum(), [x32], create_graph=True)
-    (h2,) = torch.autograd.grad(g2.square().sum(), [ref.weight])
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(h1, h2, rtol=1e-3, atol=1e-2)
+    assert_double_backward_matches(conv, ref, x.requires_grad_(), weight_tol=(1e-3, 1e-2))
 
 
 def test_torch_func_takes_torchs_convolution():
