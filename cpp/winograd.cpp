@@ -20,8 +20,21 @@ int64_t plane_grain(int64_t HW) { return std::max<int64_t>(1, kElementwiseGrain 
 // 512 x 512 pairs).
 constexpr int64_t kBlock = 64;
 
-// The 3x3 weights are first transposed into g[9][kBlock] so that the transform runs on unit-stride vectors (GCC does
-// not vectorise the 9-element groups in place).
+// The 3x3 weights of pairs [b0, b0 + nb) transposed into g[9][kBlock], so that the transforms run on unit-stride
+// vectors (GCC does not vectorise the 9-element groups in place).
+template <typename T>
+inline void weight_block_in(const T* __restrict w, T (*__restrict g)[kBlock], int64_t b0, int64_t nb) {
+  const T* wb = w + b0 * 9;
+  for (int64_t e = 0; e < nb; ++e)
+    for (int q = 0; q < 9; ++q) g[q][e] = wb[e * 9 + q];
+}
+
+// The P transformed runs of a block, buf[P][kBlock], out to U[P][KC] at pair b0.
+template <typename T>
+inline void weight_block_out(const T* __restrict buf, T* __restrict U, int P, int64_t b0, int64_t nb, int64_t KC) {
+  for (int xi = 0; xi < P; ++xi) std::copy_n(buf + xi * kBlock, nb, U + xi * KC + b0);
+}
+
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void weight_range(const T* __restrict w, T* __restrict U, int64_t i0, int64_t i1,
                                               int64_t KC) {
@@ -29,9 +42,7 @@ DETRCORE_ELEMENTWISE_CLONES void weight_range(const T* __restrict w, T* __restri
   T g[9][kBlock], buf[16 * kBlock];
   for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
     const int64_t nb = std::min(kBlock, i1 - b0);
-    const T* wb = w + b0 * 9;
-    for (int64_t e = 0; e < nb; ++e)
-      for (int q = 0; q < 9; ++q) g[q][e] = wb[e * 9 + q];
+    weight_block_in(w, g, b0, nb);
 #pragma GCC ivdep  // the stores' streams never overlap
     for (int64_t e = 0; e < nb; ++e) {
       T a[4][3];
@@ -48,7 +59,7 @@ DETRCORE_ELEMENTWISE_CLONES void weight_range(const T* __restrict w, T* __restri
         buf[(4 * r + 3) * kBlock + e] = a[r][2];
       }
     }
-    for (int xi = 0; xi < 16; ++xi) std::copy_n(buf + xi * kBlock, nb, U + xi * KC + b0);
+    weight_block_out(buf, U, 16, b0, nb, KC);
   }
 }
 
@@ -361,9 +372,7 @@ DETRCORE_ELEMENTWISE_CLONES void weight4_range(const T* __restrict w, T* __restr
   T g[9][kBlock], buf[36 * kBlock];
   for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
     const int64_t nb = std::min(kBlock, i1 - b0);
-    const T* wb = w + b0 * 9;
-    for (int64_t e = 0; e < nb; ++e)
-      for (int q = 0; q < 9; ++q) g[q][e] = wb[e * 9 + q];
+    weight_block_in(w, g, b0, nb);
 #pragma GCC ivdep  // the stores' streams never overlap
     for (int64_t e = 0; e < nb; ++e) {
       T a[6][3];
@@ -372,7 +381,7 @@ DETRCORE_ELEMENTWISE_CLONES void weight4_range(const T* __restrict w, T* __restr
       #pragma GCC unroll 6
       for (int r = 0; r < 6; ++r) g6(&a[r][0], 1, buf + 6 * r * kBlock + e, kBlock);  // columns: (G g) G^T
     }
-    for (int xi = 0; xi < 36; ++xi) std::copy_n(buf + xi * kBlock, nb, U + xi * KC + b0);
+    weight_block_out(buf, U, 36, b0, nb, KC);
   }
 }
 

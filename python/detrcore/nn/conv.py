@@ -109,8 +109,8 @@ class Conv2d(nn.Conv2d):
 
     def _winograd_tile(self, x: Tensor) -> int:
         """The Winograd output tile (4 or 2) this convolution takes for x in training; 0: none."""
-        if not (self._cpu_fp32_eager(x) and self.kernel_size == (3, 3) and self.stride == (1, 1)
-                and self.padding == (1, 1) and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+        if not (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and self._cpu_fp32_eager(x)
                 and x.is_contiguous() and self.weight.is_contiguous()):
             return 0
         n, _, h, w = x.shape
