@@ -377,8 +377,8 @@ struct DropoutParams {
   uint32_t threshold;
   double scale;
 };
-// Bytes per element of the dropout kernels' dtypes (float64, float32, bfloat16).
-size_t dropout_elem_bytes(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
+// Bytes per element of a floating dtype (float64, float32, or a 16-bit one).
+size_t float_elem_bytes(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
 
 DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::initializer_list<const View*> outputs,
                              double p) {
@@ -399,7 +399,7 @@ DropoutParams dropout_params(std::initializer_list<const View*> inputs, std::ini
     check_contiguous(*v);
     check_writable(*v);
     check_same_shape(ref, *v);
-    const size_t bytes = dropout_elem_bytes(ref.dtype);
+    const size_t bytes = float_elem_bytes(ref.dtype);
     for (const View* in : inputs) check_no_overlap(*in, *v, bytes, in == *inputs.begin());  // the first: in place
   }
   if (!(p >= 0.0 && p < 1.0)) throw ValueError("dropout: p must be in [0, 1), got " + std::to_string(p));
@@ -442,7 +442,7 @@ void dropout_backward(py::handle grad_, py::handle gx_, int64_t seed, double p, 
 void dropout_add(py::handle a_, py::handle x_, py::handle out_, int64_t seed, double p, int num_threads) {
   Arg a(a_, "input"), x(x_, "residual"), out(out_, "out");
   const DropoutParams d = dropout_params({&a.v, &x.v}, {&out.v}, p);
-  check_no_overlap(a.v, out.v, dropout_elem_bytes(a.v.dtype), false);  // not in place
+  check_no_overlap(a.v, out.v, float_elem_bytes(a.v.dtype), false);  // not in place
   dropout_dispatch(a.v, [&](auto t) {
     using T = decltype(t);
     dropout_add_cpu<T>(a.v.ptr<T>(), x.v.ptr<T>(), out.v.ptr<T>(), a.v.numel(), static_cast<uint64_t>(seed),
@@ -466,7 +466,7 @@ void relu_dropout_backward(py::handle grad_, py::handle y_, py::handle gx_, doub
       throw ValueError("column_sums must have grad's last dimension (" +
                        std::to_string(grad.v.ndim ? grad.v.size(grad.v.ndim - 1) : 0) + "), got " +
                        colsum.v.shape_str());
-    for (const View* v : {&grad.v, &y.v, &gx.v}) check_no_overlap(*v, colsum.v, dropout_elem_bytes(v->dtype), false);
+    for (const View* v : {&grad.v, &y.v, &gx.v}) check_no_overlap(*v, colsum.v, float_elem_bytes(v->dtype), false);
     dropout_dispatch(grad.v, [&](auto t) {
       using T = decltype(t);
       relu_dropout_bwd_colsum_cpu<T>(grad.v.ptr<T>(), y.v.ptr<T>(), gx.v.ptr<T>(), n / cols, cols, d.scale,
@@ -740,24 +740,31 @@ void winograd_to_tiles(py::handle x_, py::handle out_, const char* x_name, const
   });
 }
 
-// [P, C, T] tile values -> [N, C, H, W] image of out's size (input adjoint, output transform).
+// [P, C, T] tile values -> [N, C, H, W] image of out's size (input adjoint, output transform; the output's bias
+// [C] and residual [N, C, H, W], None for the adjoint).
 template <typename Kernel>
-void winograd_from_tiles(py::handle m_, py::handle bias_, py::handle out_, const char* m_name, const char* out_name,
-                         int num_threads, int tile, Kernel kernel) {
+void winograd_from_tiles(py::handle m_, py::handle bias_, py::handle residual_, py::handle out_, const char* m_name,
+                         const char* out_name, int num_threads, int tile, Kernel kernel) {
   const int64_t P = winograd_points_arg(tile);
   Arg m(m_, m_name), out(out_, out_name);
-  std::optional<Arg> bias;
+  std::optional<Arg> bias, residual;
   if (!bias_.is_none()) bias.emplace(bias_, "bias");
+  if (!residual_.is_none()) residual.emplace(residual_, "residual");
   winograd_check(m.v, 3);
   winograd_check(out.v, 4);
   const int64_t N = out.v.size(0), C = out.v.size(1), H = out.v.size(2), W = out.v.size(3);
   check_like(out.v, m.v, {P, C, winograd_tiles(N, H, W, tile)});
   check_writable(out.v);
   if (bias) check_like(out.v, bias->v, {C});
+  if (residual) {
+    winograd_check(residual->v, 4);
+    check_like(out.v, residual->v, {N, C, H, W});
+    check_no_overlap(residual->v, out.v, float_elem_bytes(residual->v.dtype), false);  // out is written first
+  }
   f32_f64_dispatch(m.v.dtype, [&](auto t) {
     using T = decltype(t);
     kernel(m.v.ptr<T>(), bias ? bias->v.ptr<T>() : nullptr, out.v.ptr<T>(), N, C, H, W, threads_arg(num_threads),
-           tile);
+           tile, residual ? residual->v.ptr<T>() : nullptr);
   });
 }
 
@@ -770,13 +777,17 @@ void winograd_output_adjoint(py::handle g, py::handle out, int num_threads, int 
                     [](auto... a) { winograd_output_adjoint_cpu(a...); });
 }
 
-void winograd_output(py::handle m, py::handle bias, py::handle out, int num_threads, int tile) {
-  winograd_from_tiles(m, bias, out, "m", "out", num_threads, tile, [](auto... a) { winograd_output_cpu(a...); });
+void winograd_output(py::handle m, py::handle bias, py::handle out, int num_threads, int tile, py::handle residual,
+                     bool relu) {
+  winograd_from_tiles(m, bias, residual, out, "m", "out", num_threads, tile,
+                      [relu](auto... a) { winograd_output_cpu(a..., relu); });
 }
 
 void winograd_input_adjoint(py::handle g, py::handle out, int num_threads, int tile) {
-  winograd_from_tiles(g, py::none(), out, "grad", "grad_input", num_threads, tile,
-                      [](auto g, auto, auto... a) { winograd_input_adjoint_cpu(g, a...); });
+  winograd_from_tiles(g, py::none(), py::none(), out, "grad", "grad_input", num_threads, tile,
+                      [](auto g, auto, auto gx, auto N, auto C, auto H, auto W, auto nt, auto tl, auto) {
+                        winograd_input_adjoint_cpu(g, gx, N, C, H, W, nt, tl);
+                      });
 }
 
 void ms_deform_attn_forward(py::handle value, py::handle shapes, py::handle starts, py::handle loc, py::handle attn,
@@ -1156,7 +1167,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("winograd_input_adjoint", &winograd_input_adjoint, py::arg("grad"), py::arg("grad_input"), nt, tile,
         "Adjoint of winograd_input: grad [P, C, T] -> grad_input [N, C, H, W].");
   m.def("winograd_output", &winograd_output, py::arg("m"), py::arg("bias"), py::arg("out"), nt, tile,
-        "Winograd output transform: m [P, K, T] (+ bias [K] or None) -> out [N, K, H, W].");
+        py::arg("residual") = py::none(), py::arg("relu") = false,
+        "Winograd output transform: m [P, K, T] (+ bias [K] or None) -> out [N, K, H, W], then + residual "
+        "[N, K, H, W] (a separate tensor) and max(out, 0) if given.");
   m.def("winograd_output_adjoint", &winograd_output_adjoint, py::arg("grad"), py::arg("grad_m"), nt, tile,
         "Adjoint of winograd_output: grad [N, K, H, W] -> grad_m [P, K, T].");
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),

@@ -9,6 +9,8 @@
 namespace detrcore {
 namespace {
 
+#define DETRCORE_INLINE inline __attribute__((always_inline))
+
 // Planes of HW elements per parallel chunk: at least kElementwiseGrain elements of work (each plane's transform
 // reads or writes about 4 HW).
 int64_t plane_grain(int64_t HW) { return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, 4 * HW)); }
@@ -206,11 +208,24 @@ DETRCORE_ELEMENTWISE_CLONES void input_adjoint_planes(const T* __restrict gV, T*
 
 // ---- output: y = A^T m A per 2x2 tile, and its adjoint ----
 
+// The output's epilogue over one written plane of n values: + residual (if not null), then max(., 0) (if relu;
+// written so that a NaN stays NaN).
+template <typename T>
+DETRCORE_INLINE void epilogue(T* __restrict plane, const T* __restrict residual, int64_t n, bool relu) {
+  if (residual) {
+    for (int64_t i = 0; i < n; ++i) plane[i] += residual[i];
+  }
+  if (relu) {
+    for (int64_t i = 0; i < n; ++i) plane[i] = plane[i] < T(0) ? T(0) : plane[i];
+  }
+}
+
+
 // line: 2 * (2 * TW) scratch (the tile row's two output rows).
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void output_planes(const T* __restrict M, const T* __restrict bias, T* __restrict y,
                                                T* __restrict line, int64_t p0, int64_t p1, int64_t K, int64_t H,
-                                               int64_t W, int64_t Tn) {
+                                               int64_t W, int64_t Tn, const T* __restrict residual, bool relu) {
   const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, W2 = 2 * TW, st = K * Tn;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / K, k = p % K;
@@ -237,6 +252,7 @@ DETRCORE_ELEMENTWISE_CLONES void output_planes(const T* __restrict M, const T* _
       std::copy_n(l0, W, plane + 2 * ty * W);
       if (2 * ty + 1 < H) std::copy_n(l1, W, plane + (2 * ty + 1) * W);
     }
+    epilogue(plane, residual ? residual + p * H * W : nullptr, H * W, relu);
   }
 }
 
@@ -297,8 +313,6 @@ DETRCORE_ELEMENTWISE_CLONES void output_adjoint_planes(const T* __restrict gy, T
 // for G's 1/6, 1/12 and 1/24, so the transforms round (about an ulp of the weights); the larger constants make the
 // result's rounding a few times that of F(2x2).
 // Each helper applies one 1-D matrix to a strided vector: x[0], x[xs], ...; y[0], y[ys], ...
-
-#define DETRCORE_INLINE inline __attribute__((always_inline))
 
 template <typename T>
 DETRCORE_INLINE void bt6(const T* x, int64_t xs, T* y, int64_t ys) {  // y = B^T x
@@ -486,7 +500,7 @@ DETRCORE_ELEMENTWISE_CLONES void input4_adjoint_planes(const T* __restrict gV, T
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void output4_planes(const T* __restrict M, const T* __restrict bias, T* __restrict y,
                                                 T* __restrict buf, int64_t p0, int64_t p1, int64_t K, int64_t H,
-                                                int64_t W, int64_t Tn) {
+                                                int64_t W, int64_t Tn, const T* __restrict residual, bool relu) {
   const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, TP = TH * TW, st = K * Tn;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / K, k = p % K;
@@ -505,6 +519,7 @@ DETRCORE_ELEMENTWISE_CLONES void output4_planes(const T* __restrict M, const T* 
       const T* __restrict row = buf + 4 * (r % 4) * TP + (r / 4) * TW;
       for (int64_t x = 0; x < W; ++x) plane[r * W + x] = row[(x % 4) * TP + x / 4] + b0;
     }
+    epilogue(plane, residual ? residual + p * H * W : nullptr, H * W, relu);
   }
 }
 
@@ -596,16 +611,16 @@ void winograd_input_adjoint_cpu(const T* gV, T* gx, int64_t N, int64_t C, int64_
 
 template <typename T>
 void winograd_output_cpu(const T* M, const T* bias, T* y, int64_t N, int64_t K, int64_t H, int64_t W,
-                         int num_threads, int tile) {
+                         int num_threads, int tile, const T* residual, bool relu) {
   if (N <= 0 || K <= 0 || H <= 0 || W <= 0) return;
   const int64_t Tn = winograd_tiles(N, H, W, tile), TW = (W + tile - 1) / tile;
   parallel_for(N * K, plane_grain(H * W), num_threads, [&](int64_t p0, int64_t p1) {
     if (tile == 4) {
       std::vector<T> buf(16 * ((H + 3) / 4) * TW);
-      output4_planes<T>(M, bias, y, buf.data(), p0, p1, K, H, W, Tn);
+      output4_planes<T>(M, bias, y, buf.data(), p0, p1, K, H, W, Tn, residual, relu);
     } else {
       std::vector<T> line(4 * TW);
-      output_planes<T>(M, bias, y, line.data(), p0, p1, K, H, W, Tn);
+      output_planes<T>(M, bias, y, line.data(), p0, p1, K, H, W, Tn, residual, relu);
     }
   });
 }
@@ -627,7 +642,8 @@ void winograd_output_adjoint_cpu(const T* gy, T* gM, int64_t N, int64_t K, int64
   template void winograd_weight_adjoint_cpu<T>(const T*, T*, int64_t, int, int);                              \
   template void winograd_input_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);            \
   template void winograd_input_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);    \
-  template void winograd_output_cpu<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int); \
+  template void winograd_output_cpu<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int,  \
+                                       const T*, bool);                                                      \
   template void winograd_output_adjoint_cpu<T>(const T*, T*, int64_t, int64_t, int64_t, int64_t, int, int);
 DETRCORE_INSTANTIATE(float)
 DETRCORE_INSTANTIATE(double)

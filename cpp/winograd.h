@@ -44,10 +44,11 @@ template <typename T>
 void winograd_input_adjoint_cpu(const T* gV, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int num_threads,
                                 int tile = 2);
 
-// M [P][K][T] -> y [N][K][H][W], plus bias[k] if bias is not null
+// M [P][K][T] -> y [N][K][H][W], plus bias[k] if bias is not null, plus residual [N][K][H][W] if not null, then
+// max(., 0) if relu (a NaN stays NaN): a convolution's epilogue (a frozen BatchNorm folded into w and bias).
 template <typename T>
 void winograd_output_cpu(const T* M, const T* bias, T* y, int64_t N, int64_t K, int64_t H, int64_t W,
-                         int num_threads, int tile = 2);
+                         int num_threads, int tile = 2, const T* residual = nullptr, bool relu = false);
 // gy [N][K][H][W] -> gM [P][K][T]
 template <typename T>
 void winograd_output_adjoint_cpu(const T* gy, T* gM, int64_t N, int64_t K, int64_t H, int64_t W, int num_threads,

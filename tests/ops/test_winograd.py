@@ -1,7 +1,8 @@
 """Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (detrcore.nn.Conv2d's 3x3 stride-1 CPU path,
 cpp/winograd.*): each native transform against its matrix definition, each adjoint by the dot-product identity, the
 convolution against F.conv2d in float64 and float32 (odd sizes, bias, batch 1 and 3), gradcheck / gradgradcheck, the
-module's choice of tile and fallbacks, thread-count independence and named errors."""
+module's choice of tile and fallbacks (in training and in a forward alone), the output transform's residual / ReLU
+epilogue, thread-count independence and named errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,30 @@ def test_transforms_match_their_matrix_definitions(shape, tile):
     blocks = torch.einsum("ai,ijknyx,bj->knyaxb", at, m.view(a, a, k, n, th, tw), at)  # [K, N, TH, tile, TW, tile]
     full = blocks.reshape(k, n, tile * th, tile * tw).permute(1, 0, 2, 3)[:, :, :h, :w] + bias.view(1, k, 1, 1)
     torch.testing.assert_close(y, full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_output_epilogue_adds_the_residual_then_clamps(tile, dtype):
+    """winograd_output(..., residual, relu): relu(transform + bias + residual), each part alone too; a NaN stays NaN
+    through the ReLU (as torch.relu); a residual of another shape or overlapping out is a named error."""
+    n, k, h, w = 2, 5, 7, 9
+    torch.manual_seed(11)
+    m, bias = torch.randn(points(tile), k, tiles(n, h, w, tile), dtype=dtype), torch.randn(k, dtype=dtype)
+    r = torch.randn(n, k, h, w, dtype=dtype)
+    r[1, 2, 3, 4] = float("nan")
+    plain = run(_C.winograd_output, m, bias, torch.empty(n, k, h, w, dtype=dtype), tile=tile)
+    for residual, relu in [(None, True), (r, False), (r, True)]:
+        out = torch.empty(n, k, h, w, dtype=dtype)
+        _C.winograd_output(m, bias, out, num_threads=2, tile=tile, residual=residual, relu=relu)
+        want = plain + (0 if residual is None else residual)
+        torch.testing.assert_close(out, want.relu() if relu else want, rtol=0, atol=0, equal_nan=True)
+        assert (out < 0).any() != relu
+    assert out[1, 2, 3, 4].isnan()
+    with pytest.raises(ValueError, match="residual"):
+        _C.winograd_output(m, bias, out, tile=tile, residual=r[:, :, :, :8].contiguous())
+    with pytest.raises(ValueError, match="overlaps"):
+        _C.winograd_output(m, bias, out, tile=tile, residual=out)
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -205,11 +230,64 @@ def test_module_takes_winograd_for_a_backbone_shape(bias, shape, tile, monkeypat
     for a, e in zip(got, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-3)
     assert calls == [tile]
-    with torch.no_grad():  # inference: torch's convolution (a forward alone gains too little)
+    with torch.no_grad():  # inference: torch's convolution (40 4x4 tiles: below a forward alone's regime)
         torch.testing.assert_close(conv(x), out.detach(), rtol=1e-5, atol=1e-4)
     conv.requires_grad_(False)
     conv(x.detach())
     assert calls == [tile]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_forward_alone_takes_f4_in_its_regime(frozen, monkeypatch):
+    """Without gradients (no_grad, or frozen weights and an input that needs none): F(4x4) from 128 4x4 tiles with
+    64 to 256 channels (ResNet-50's layer2 at the CPU benchmark's size: 160 tiles), with the values of torch's
+    float64 convolution; torch's convolution below 128 or past 2560 tiles, past 256 or under 64 channels and past
+    2**18 * 36 transformed elements."""
+    calls = []
+    real = conv_module._winograd_forward
+    monkeypatch.setattr(conv_module, "_winograd_forward", lambda *a: calls.append(a[3]) or real(*a))
+    conv, ref = backbone_conv(bias=True)
+    x = torch.randn(2, 128, 32, 40)
+    if frozen:
+        conv.requires_grad_(False)
+        out = conv(x)
+    else:
+        with torch.no_grad():
+            out = conv(x)
+    assert calls == [4] and out.grad_fn is None
+    torch.testing.assert_close(out.double(), ref(x.double()).detach(), rtol=1e-5, atol=1e-4)
+    assert conv._winograd_tile(torch.randn(2, 128, 16, 20), training=False) == 0  # 40 tiles
+    assert conv._winograd_tile(torch.randn(2, 128, 128, 160), training=False) == 0  # 2560 tiles x 128 > 2**18
+    for cin in (32, 512):
+        wide = Conv2d(cin, 128, 3, 1, 1)
+        assert wide._winograd_tile(torch.randn(2, cin, 32, 40), training=False) == 0
+        assert wide._winograd_tile(torch.randn(2, cin, 32, 40)) == (4 if cin == 512 else 0)  # training's regime
+    narrow = Conv2d(64, 64, 3, 1, 1)
+    assert narrow._winograd_tile(torch.randn(2, 64, 64, 80), training=False) == 4
+    assert narrow._winograd_tile(torch.randn(1, 64, 200, 304), training=False) == 0  # 3800 tiles
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_frozen_conv_bn_takes_f4_with_its_epilogue(residual, relu, monkeypatch):
+    """A frozen 3x3 convolution + BatchNorm (ResNet-50's layer1 in training) in the forward regime: the BN folded
+    in, the residual add and ReLU in the output transform; the values of bn(conv(x), r, relu) in float64."""
+    from detrcore.models import backbone as bb
+
+    calls = []
+    real = bb._winograd_forward
+    monkeypatch.setattr(bb, "_winograd_forward", lambda *a: calls.append(a[3:]) or real(*a))
+    torch.manual_seed(12)
+    conv = Conv2d(64, 64, 3, 1, 1, bias=False).requires_grad_(False)
+    bn = bb.FrozenBatchNorm2d(64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 64, 32, 40)
+    r = torch.randn(2, 64, 32, 40) if residual else None
+    got = bb.conv_bn(conv, bn, x, r, relu=relu)
+    assert len(calls) == 1 and calls[0][0] == 4 and (calls[0][1] is r) and calls[0][2] == relu
+    want = bn.double()._torch_forward(conv.double()(x.double()), None if r is None else r.double(), relu)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("what", ["few_tiles", "many_tiles", "few_channels", "stride", "dilation", "float64",

@@ -1,4 +1,4 @@
-"""nn.Conv2d with faster float32 CPU paths (all but one in training only) for DETR's backbones and necks.
+"""nn.Conv2d with faster float32 CPU paths (two of them also in inference) for DETR's backbones and necks.
 
 Winograd: in training, 3x3 convolutions with stride 1, padding 1 and enough channels and positions (every ResNet
 bottleneck's middle convolution after the first of a stage, up to a size) run as Winograd convolutions (Lavin &
@@ -10,6 +10,9 @@ at the CPU benchmark's size ([2, 128, 32, 40]) 11.7 / 8.8 / 6.0, layer3 ([2, 256
 7.6, layer3 at 800 x 1216 ([2, 256, 50, 76]) 130 / 108 / 51. F(2x2)'s constants are 0, +-1 and +-1/2, exact in
 floating point; F(4x4)'s reach 8 and 1/24: its float32 rounding error is ~10x that of torch's convolution (rms,
 256 channels: relative 2.4e-6; F(2x2)'s 1.6x).
+In a forward with nothing to differentiate (inference; frozen layers in training, their BatchNorm folded in by
+`detrcore.models.backbone.conv_bn`, the ReLU and residual add fused into the output transform) F(4x4) alone, where
+it measured 1.2-2.4x faster than torch's convolution (64 to 256 channels, 128-2560 tiles; WINOGRAD_FORWARD_*).
 
 Unfold: weight-heavy convolutions with few output positions run as unfold + oneDNN matmul. Deformable DETR's extra
 feature level is a 3x3 stride-2 convolution from C5 (2048 channels) to 256: a 19 MB weight and, at the CPU
@@ -57,14 +60,23 @@ MAX_POSITIONS, MIN_ROW = 256, 8192
 # way and 2x2 output tiles (below, torch.bmm's small products and the transforms cost more than the multiplies
 # saved: ResNet-50's layer4 at the CPU benchmark's size, 512 channels and 40 tiles, is no faster), and transformed
 # tensors ([16, channels, tiles]) of at most 2**19 * 16 elements (32 MB in float32: 1.4-1.6x faster up to there,
-# e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x). Training only: a forward alone gains too little
-# (0.6-1.4x by shape) to replace torch's convolution in inference.
+# e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x). In training only: in a forward alone F(2x2) gains too
+# little (0.6-1.4x by shape); F(4x4)'s regime there is below.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
 # F(4x4, 3x3) where a map has at least 40 4x4 tiles (1.5-2.5x faster than direct there, and faster than F(2x2);
 # at 35 tiles even with F(2x2), at 20-24 slower than it) and its transformed tensors [36, channels, tiles] stay
 # within 2**18 * 36 elements (the largest measured, layer2 at 800 x 1216 at 35 MB, 1.3x faster than direct where
 # F(2x2) is 0.74x).
 WINOGRAD4_MIN_TILES, WINOGRAD4_MAX_PLANE = 40, 1 << 18
+# A forward with nothing to differentiate (inference, frozen layers): F(4x4, 3x3) alone (F(2x2) gains too little
+# there), with 64 to 256 channels, 128 to 2560 4x4 tiles and transformed tensors of at most 2**18 * 36 elements.
+# Measured (2 threads, Zen 4, 1 or 2 images, the weight transformed on every call, ReLU fused; torch's oneDNN
+# convolution with its bias and ReLU fused / F(4x4)): 1.26-1.55x with 64 channels from 160 to 2560 tiles (2 x 32 x
+# 40 .. 2 x 128 x 160, 1 x 150 x 228); 1.17-1.45x at 2 x 128 x 32 x 40, 1.8-1.9x at 128 channels and 640-1900 tiles
+# (up to 2 x 100 x 152); 1.4x at 2 x 256 x 24 x 32, 1.6-2.4x at 256 channels and 160-640 tiles. Slower: 40-60 tiles
+# (0.67-1.07x), 64 channels at 3800-7600 tiles (1 x 200 x 304 .. 2 x 200 x 304: 0.6-0.85x, the transforms then
+# memory-bound) and 512 channels (0.7-1.5x by run: a 38 MB transformed weight).
+WINOGRAD_FORWARD_CHANNELS, WINOGRAD_FORWARD_TILES = (64, 256), (128, 2560)
 # 1x1 convolutions whose weight gradient `_PointwiseConv` computes: in_channels >= this many times out_channels.
 POINTWISE_MIN_RATIO = 2
 
@@ -85,9 +97,11 @@ class Conv2d(nn.Conv2d):
         w, b = self.weight, self.bias
         training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                 or (b is not None and b.requires_grad))
-        tile = self._winograd_tile(x) if training else 0
-        if tile:
+        tile = self._winograd_tile(x, training)
+        if tile and training:
             return _WinogradConv.apply(x, w, b, tile)
+        if tile:  # nothing to differentiate
+            return _winograd_forward(x, w, b, tile)[0]
         if training and self._pointwise_applies(x):
             return _PointwiseConv.apply(x, w, b)
         if training and self._strided_1x1_applies(x):
@@ -107,15 +121,21 @@ class Conv2d(nn.Conv2d):
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and not under_torch_func())  # torch.func: torch's convolution
 
-    def _winograd_tile(self, x: Tensor) -> int:
-        """The Winograd output tile (4 or 2) this convolution takes for x in training; 0: none."""
+    def _winograd_tile(self, x: Tensor, training: bool = True) -> int:
+        """The Winograd output tile (4 or 2) this convolution takes for x in training, or (training=False) in a
+        forward with nothing to differentiate; 0: none."""
         if not (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS and self._cpu_fp32_eager(x)
-                and x.is_contiguous() and self.weight.is_contiguous()):
+                and self._cpu_fp32_eager(x) and x.is_contiguous() and self.weight.is_contiguous()):
             return 0
         n, _, h, w = x.shape
-        channels = max(self.in_channels, self.out_channels)
+        fewest, channels = sorted((self.in_channels, self.out_channels))
         tiles4 = _winograd_tiles(n, h, w, 4)
+        if not training:
+            return 4 if (WINOGRAD_FORWARD_CHANNELS[0] <= fewest and channels <= WINOGRAD_FORWARD_CHANNELS[1]
+                         and WINOGRAD_FORWARD_TILES[0] <= tiles4 <= WINOGRAD_FORWARD_TILES[1]
+                         and tiles4 * channels <= WINOGRAD4_MAX_PLANE) else 0
+        if fewest < WINOGRAD_MIN_CHANNELS:
+            return 0
         if tiles4 >= WINOGRAD4_MIN_TILES and tiles4 * channels <= WINOGRAD4_MAX_PLANE:
             return 4
         tiles = _winograd_tiles(n, h, w)
@@ -223,10 +243,11 @@ class _Subsample(torch.autograd.Function):
         return grad_x, None
 
 
-def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int) -> tuple[Tensor, Tensor, Tensor]:
-    """y = conv2d(x, weight, bias, padding=1) through Winograd F(tile x tile, 3x3); also the transformed weight U
-    [P, K, C] and input V [P, C, T] the backward multiplies with (P = (tile + 2)**2). x, weight: contiguous,
-    detached."""
+def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int, residual: Tensor | None = None,
+                      relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """y = conv2d(x, weight, bias, padding=1) through Winograd F(tile x tile, 3x3), then + residual and ReLU if
+    given (fused into the output transform); also the transformed weight U [P, K, C] and input V [P, C, T] the
+    backward multiplies with (P = (tile + 2)**2). x, weight, residual: contiguous, not to be differentiated."""
     n, c, h, w = x.shape
     k, threads, points = weight.shape[0], _lib.num_threads(), (tile + 2) ** 2
     u = x.new_empty(points, k, c)
@@ -234,7 +255,7 @@ def _winograd_forward(x: Tensor, weight: Tensor, bias: Tensor | None, tile: int)
     v = x.new_empty(points, c, _winograd_tiles(n, h, w, tile))
     _C.winograd_input(x, v, num_threads=threads, tile=tile)
     y = x.new_empty(n, k, h, w)
-    _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads, tile=tile)
+    _C.winograd_output(torch.bmm(u, v), bias, y, num_threads=threads, tile=tile, residual=residual, relu=relu)
     return y, u, v
 
 
