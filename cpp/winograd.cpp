@@ -220,7 +220,6 @@ DETRCORE_INLINE void epilogue(T* __restrict plane, const T* __restrict residual,
   }
 }
 
-
 // line: 2 * (2 * TW) scratch (the tile row's two output rows).
 template <typename T>
 DETRCORE_ELEMENTWISE_CLONES void output_planes(const T* __restrict M, const T* __restrict bias, T* __restrict y,

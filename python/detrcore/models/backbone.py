@@ -162,10 +162,12 @@ def conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: Tensor, residual: Tensor 
     separate pass over the activation; the convolution module's forward, and so its hooks, are not called); a 3x3
     convolution in Winograd F(4x4)'s forward regime (`detrcore.nn.conv`) as that, with the same epilogue. A
     trainable convolution is left alone even under no_grad: folding its weights on every call costs about what the
-    fusion saves (ResNet-50's backbone in inference 154.2 -> 157.4 ms), and keeping them would hold a second copy. Measured (2 threads, Zen 4, 2 images of 256 x 320, in one process, interleaved): ResNet-50's frozen stem
-    and layer1 in the training step 2.9 ms faster (the backbone's forward 157.3 -> 154.5 ms), a frozen backbone in
-    inference 151.4 -> 146.1 ms. Results agree to float rounding (the weight is scaled before the products instead of
-    the output after). Elsewhere, and whenever a gradient is needed, the convolution and then the normalisation.
+    fusion saves (ResNet-50's backbone in inference 154.2 -> 157.4 ms), and keeping them would hold a second copy.
+    Measured (2 threads, Zen 4, 2 images of 256 x 320, in one process, interleaved): ResNet-50's frozen stem and
+    layer1 in the training step 2.9 ms faster (the backbone's forward 157.3 -> 154.5 ms), a frozen backbone in
+    inference 151.4 -> 146.1 ms (before the Winograd forward, which made the training step a further 1.006x faster).
+    Results agree to float rounding (the weight is scaled before the products instead of the output after).
+    Elsewhere, and whenever a gradient is needed, the convolution and then the normalisation.
     """
     if _conv_bn_folds(conv, bn, x, residual):
         weight, bias = bn.folded(conv)
