@@ -289,8 +289,8 @@ def info() -> None:
 def bench(which: str, out_dir: Path, repeats: int, device: str, threads: int | None) -> None:
     """Time detrcore's ops against their baselines (plain PyTorch, scipy) and write JSON records.
 
-    WHICH is one of boxes, assignment, msda (multi-scale deformable attention), conv (3x3 convolutions in training)
-    or all (the default).
+    WHICH is one of boxes, assignment, msda (multi-scale deformable attention), conv (3x3 convolutions, in training
+    and in a forward alone) or all (the default).
     """
     import torch
 

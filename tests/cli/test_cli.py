@@ -24,6 +24,9 @@ def tiny_benchmarks(monkeypatch):
     monkeypatch.setattr(conv, "time_interleaved", functools.partial(_common.time_interleaved, min_time=0.001))
     # 128 2x2 tiles: F(2x2); 50 4x4 tiles: F(4x4); 8 channels: torch
     monkeypatch.setattr(conv, "SHAPES", [(2, 128, 16, 16), (2, 128, 20, 20), (1, 8, 5, 7)])
+    # a forward alone: 160 4x4 tiles of 64 channels: F(4x4); 8 channels: torch; ResNet-50 on one 64 x 64 image
+    monkeypatch.setattr(conv, "FORWARD_SHAPES", [(2, 64, 32, 40), (1, 8, 5, 7)])
+    monkeypatch.setattr(conv, "BACKBONE_INPUTS", [(1, 3, 64, 64)])
 
 
 def test_interleaved_timing_goes_round_robin():
@@ -62,6 +65,10 @@ def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
     convs = json.loads((tmp_path / "conv_cpu.json").read_text())
     assert [r["path"] for r in convs["results"]] == ["winograd F(2x2)", "winograd F(4x4)", "torch"]
     assert all(r["torch_ms"] > 0 and r["detrcore_ms"] > 0 for r in convs["results"])
+    forward = convs["forward"]["results"]
+    assert [(r["input"], r["path"]) for r in forward] == [
+        ("2x64x32x40", "winograd F(4x4)"), ("1x8x5x7", "torch"), ("resnet50 1x3x64x64", "winograd forward")]
+    assert all(r["torch_ms"] > 0 and r["detrcore_ms"] > 0 for r in forward)
 
 
 def test_bench_rejects_a_missing_gpu():
