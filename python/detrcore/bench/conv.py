@@ -45,12 +45,7 @@ def run(repeats: int = 7, shapes=None) -> dict:
             return lambda: torch.autograd.grad(conv(x), (x, conv.weight), g)
 
         samples = time_interleaved({"torch": step(ref), "detrcore": step(ours)}, repeats=repeats)
-        rec = {"shape": [n, c, h, w], "path": path, "samples": samples,
-               "torch_ms": 1e3 * statistics.median(samples["torch"]),
-               "detrcore_ms": 1e3 * statistics.median(samples["detrcore"]),
-               "speedup": ratio(samples["torch"], samples["detrcore"])}
-        records.append(rec)
-        rows.append([f"{n}x{c}x{h}x{w}", path, rec["torch_ms"], rec["detrcore_ms"], rec["speedup"]])
+        records.append(_record({"shape": [n, c, h, w]}, f"{n}x{c}x{h}x{w}", path, samples, rows))
     print(f"\n3x3 stride-1 convolution, forward + backward, {torch.get_num_threads()} CPU threads, interleaved, "
           f"median of {repeats} rounds (ms)")
     table = print_table(["input", "detrcore path", "torch ms", "detrcore ms", "speedup"], rows)
@@ -89,8 +84,9 @@ def run_forward(repeats: int = 7, shapes=None, backbone_inputs=None) -> dict:
             tile = conv._winograd_tile(x, training=False)
             samples = time_interleaved({"torch": lambda: _torch_conv_bn_relu(conv, bn, x),
                                         "detrcore": lambda: bb.conv_bn(conv, bn, x, relu=True)}, repeats=repeats)
-            records.append(_forward_record(f"{n}x{c}x{h}x{w}", f"winograd F({tile}x{tile})" if tile else "torch",
-                                           samples, rows))
+            name = f"{n}x{c}x{h}x{w}"
+            records.append(_record({"input": name}, name, f"winograd F({tile}x{tile})" if tile else "torch",
+                                   samples, rows))
         body = bb.ResNet("resnet50").eval().requires_grad_(False)
         regime = conv_module.WINOGRAD_FORWARD_TILES
         for shape in backbone_inputs or BACKBONE_INPUTS:
@@ -106,16 +102,17 @@ def run_forward(repeats: int = 7, shapes=None, backbone_inputs=None) -> dict:
                 return f
 
             samples = time_interleaved({"torch": backbone((0, -1)), "detrcore": backbone(regime)}, repeats=repeats)
-            records.append(_forward_record("resnet50 " + "x".join(map(str, shape)), "winograd forward", samples,
-                                           rows))
+            name = "resnet50 " + "x".join(map(str, shape))
+            records.append(_record({"input": name}, name, "winograd forward", samples, rows))
     print(f"\nforward alone (frozen 3x3 convolution + BatchNorm + ReLU; ResNet-50 frozen backbone), "
           f"{torch.get_num_threads()} CPU threads, interleaved, median of {repeats} rounds (ms)")
     table = print_table(["input", "detrcore path", "torch ms", "detrcore ms", "speedup"], rows)
     return {"results": records, "table": table}
 
 
-def _forward_record(name: str, path: str, samples: dict, rows: list) -> dict:
-    rec = {"input": name, "path": path, "samples": samples, "torch_ms": 1e3 * statistics.median(samples["torch"]),
+def _record(key: dict, name: str, path: str, samples: dict, rows: list) -> dict:
+    """One row's JSON record (key: its identifying fields) from its timings; its table row appended to rows."""
+    rec = {**key, "path": path, "samples": samples, "torch_ms": 1e3 * statistics.median(samples["torch"]),
            "detrcore_ms": 1e3 * statistics.median(samples["detrcore"]),
            "speedup": ratio(samples["torch"], samples["detrcore"])}
     rows.append([name, path, rec["torch_ms"], rec["detrcore_ms"], rec["speedup"]])
