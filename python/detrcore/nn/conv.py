@@ -56,13 +56,15 @@ from .onednn_linear import _mm, _mm_add
 # layer4's 3x3 convolutions (a 4608 row, 160 positions at the CPU benchmark's size) are 1 % slower on the training
 # step this way than as oneDNN convolutions (in one process, 15 rounds): they stay torch's.
 MAX_POSITIONS, MIN_ROW = 256, 8192
-# Winograd's regime, measured on forward + backward (2 threads, Zen 4): products of at least this many channels each
-# way and 2x2 output tiles (below, torch.bmm's small products and the transforms cost more than the multiplies
-# saved: ResNet-50's layer4 at the CPU benchmark's size, 512 channels and 40 tiles, is no faster), and transformed
-# tensors ([16, channels, tiles]) of at most 2**19 * 16 elements (32 MB in float32: 1.4-1.6x faster up to there,
-# e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x). In training only: in a forward alone F(2x2) gains too
-# little (0.6-1.4x by shape); F(4x4)'s regime there is below.
-WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 128, 1 << 19
+# Winograd's regime, measured on forward + backward (2 threads): products of at least this many channels each way
+# and 2x2 output tiles, and transformed tensors ([16, channels, tiles]) of at most 2**19 * 16 elements (32 MB in
+# float32: 1.4-1.6x faster up to there, e.g. layer3 at 800 x 1216; past it, at 62 MB, 0.8-1.0x; Zen 4). Few tiles:
+# on a Zen 3 EPYC (AVX2) F(2x2) vs torch's oneDNN convolution at 128 / 256 / 512 channels: 40 tiles (ResNet-50's
+# layer4 at the CPU benchmark's size, 2 x 8 x 10) 1.13 / 1.30 / 1.40x, 48-80 tiles 1.18-1.24 / 1.39-1.45 /
+# 1.46-1.84x, 20 tiles 0.89 / 0.89 / 1.0x; on a Zen 4 (AVX-512) layer4's 40 tiles measured no faster, not slower.
+# Below 40, torch.bmm's small products and the transforms cost more than the multiplies saved. In training only: in
+# a forward alone F(2x2) gains too little (0.6-1.4x by shape); F(4x4)'s regime there is below.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_MAX_PLANE = 128, 40, 1 << 19
 # F(4x4, 3x3) where a map has at least 40 4x4 tiles (1.5-2.5x faster than direct there, and faster than F(2x2);
 # at 35 tiles even with F(2x2), at 20-24 slower than it) and its transformed tensors [36, channels, tiles] stay
 # within 2**18 * 36 elements (the largest measured, layer2 at 800 x 1216 at 35 MB, 1.3x faster than direct where
