@@ -102,6 +102,67 @@ def test_shape_errors_are_torchs():
         linear(torch.randn(4, 5), torch.randn(3, 6))
 
 
+@needs_onednn
+@pytest.mark.parametrize("faster", ["onednn", "blas"])
+def test_auto_backend_times_both_then_keeps_the_faster(faster, monkeypatch):
+    """Auto mode: a shape class's first calls alternate oneDNN and BLAS (one untimed warm-up call each, then TRIALS
+    timed calls each), after which every call takes the faster; the values are F.linear's whichever computes them."""
+    duration = {"onednn": 1.0 if faster == "onednn" else 2.0, "blas": 2.0 if faster == "onednn" else 1.0}
+    now, calls = [0.0], []
+
+    def tracked(name, fn):
+        def run(*args):
+            calls.append(name)
+            now[0] += duration[name]  # the clock reads this much later after the product than before it
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(linear_module, "BACKEND", "auto")
+    monkeypatch.setattr(linear_module, "_choices", {})
+    monkeypatch.setattr(linear_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(linear_module, "_BACKENDS", (tracked("onednn", linear_module._mm),
+                                                     tracked("blas", linear_module._blas)))
+    x, w, b = torch.randn(300, 24), torch.randn(16, 24), torch.randn(16)
+    trials = 2 * (linear_module.TRIALS + 1)
+    for _ in range(trials + 4):
+        close(linear(x, w, b), F.linear(x.double(), w.double(), b.double()), 24)
+    assert calls[:trials] == ["onednn", "blas"] * (trials // 2)
+    assert calls[trials:] == [faster] * 4
+    # Another shape class (another M bucket, no bias, a transposed weight) is timed afresh; M 257..512 share one.
+    linear(torch.randn(600, 24), w, b)
+    linear(x, w, None)
+    linear(torch.randn(300, 16), w.t(), None)
+    assert calls[trials + 4:] == ["onednn"] * 3
+    linear(torch.randn(257, 24), w, b)
+    assert calls[-1] == faster and len(linear_module._choices) == 4
+
+
+@needs_onednn
+@pytest.mark.parametrize("how", ["deterministic", "onednn", "blas"])
+def test_fixed_backends(how, monkeypatch):
+    """torch.use_deterministic_algorithms(True) or DETRCORE_LINEAR_BACKEND=onednn: always oneDNN (the same bits on
+    every call); =blas: always F.linear, exactly."""
+    monkeypatch.setattr(linear_module, "_choices", {})
+    monkeypatch.setattr(linear_module, "BACKEND", "auto" if how == "deterministic" else how)
+    x, w, b = torch.randn(50, 30), torch.randn(20, 30), torch.randn(20)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(how == "deterministic")
+    try:
+        outs = [linear(x, w, b) for _ in range(10)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    want = F.linear(x, w, b) if how == "blas" else linear_module._mm(x, w, b)
+    assert all(torch.equal(o, want) for o in outs)
+    assert linear_module._choices == {}
+
+
+def test_bad_backend_setting_is_a_named_error():
+    code = "import detrcore.nn"
+    env = dict(os.environ, DETRCORE_LINEAR_BACKEND="mkl")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "DETRCORE_LINEAR_BACKEND must be auto, onednn or blas, got 'mkl'" in out.stderr
+
+
 def test_environment_switch_turns_it_off():
     code = "from detrcore.nn import onednn_linear as m; print(m._ONEDNN is None)"
     env = dict(os.environ, DETRCORE_ONEDNN_LINEAR="0")

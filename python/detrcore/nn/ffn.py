@@ -20,7 +20,7 @@ from detrcore.ops import _lib
 from detrcore.ops._lib import _C
 
 from .dropout import Dropout
-from .onednn_linear import _mm, onednn_applies, weight_grad
+from .onednn_linear import onednn_applies, product, weight_grad
 
 
 def feed_forward(x: Tensor, linear1: nn.Linear, act_dropout: Dropout, linear2: nn.Linear) -> Tensor:
@@ -42,11 +42,11 @@ class _FeedForward(torch.autograd.Function):
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, seed: int, p: float) -> Tensor:
         threads = _lib.num_threads()
         x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()  # [M, C]
-        hidden = _mm(x2, w1.detach(), b1.detach())  # [M, F], ours alone: ReLU + dropout in place
+        hidden = product(x2, w1.detach(), b1.detach())  # [M, F], ours alone: ReLU + dropout in place
         _C.dropout(hidden, hidden, seed, p, True, num_threads=threads)
         ctx.save_for_backward(x, w1, b1, w2, hidden)
         ctx.p = p
-        return _mm(hidden, w2.detach(), b2.detach()).view(*x.shape[:-1], w2.shape[0])
+        return product(hidden, w2.detach(), b2.detach()).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -58,7 +58,7 @@ class _FeedForward(torch.autograd.Function):
         # In the order of the three modules' backward: linear2's input gradient, weight and bias gradients, the
         # dropout's, linear1's.
         need_h = need_x or need_w1 or need_b1
-        grad_h = _mm(g, w2.t(), None) if need_h else None  # [M, F], ours alone: masked in place below
+        grad_h = product(g, w2.t(), None) if need_h else None  # [M, F], ours alone: masked in place below
         grad_w2 = weight_grad(g, hidden) if need_w2 else None
         grad_b2 = g.sum(0) if need_b2 else None
         grad_x = grad_w1 = grad_b1 = None
@@ -68,7 +68,7 @@ class _FeedForward(torch.autograd.Function):
             _C.relu_dropout_backward(grad_h, hidden, grad_h, ctx.p, num_threads=_lib.num_threads(),
                                      column_sums=grad_b1)
             if need_x:
-                grad_x = _mm(grad_h, w1.t(), None).view(x.shape)
+                grad_x = product(grad_h, w1.t(), None).view(x.shape)
             if need_w1:
                 grad_w1 = weight_grad(grad_h, x.reshape(-1, x.shape[-1]).contiguous())
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None

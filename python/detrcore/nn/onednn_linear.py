@@ -1,10 +1,14 @@
-"""nn.Linear whose float32 CPU matmuls run through oneDNN instead of BLAS.
+"""nn.Linear whose float32 CPU matmuls run through oneDNN or BLAS, whichever this machine runs faster per shape.
 
-torch's CPU `F.linear` in float32 calls the BLAS it was built with (MKL in the PyPI wheels). On an AMD EPYC (Zen 4,
-2 threads) MKL's sgemm reaches 130-190 GFLOP/s at the model's shapes ([2660, 256] x [256, 1024] and the like) where
-oneDNN's matmul, which torch also ships, reaches 190-220 (the machine's FMA peak is ~230). The forward and the input
-gradient go through oneDNN; the weight gradient (a product with the long axis as its inner dimension) stays a BLAS
-`mm`, which oneDNN did not beat there. Measured gain in a whole Deformable DETR training step: see the README.
+torch's CPU `F.linear` in float32 calls the BLAS it was built with (MKL in the PyPI wheels). On an AMD EPYC Zen 4
+(AVX-512, 2 threads) MKL's sgemm reaches 130-190 GFLOP/s at the model's shapes ([2660, 256] x [256, 1024] and the
+like) where oneDNN's matmul, which torch also ships, reaches 190-220 (the machine's FMA peak is ~230). On a Zen 3 EPYC
+(AVX2) the order turns by shape: MKL 5-19 % faster for the decoder's [600, 256] products and the encoder's
+feed-forward forward, oneDNN 16-20 % faster for the input gradient through a transposed [256, 1024] weight (timed
+inside the training step, alternating). So the forward and the input gradient go through `product`, which times
+both backends on a shape's first calls and keeps the faster (see `product`); the weight gradient (a product with the
+long axis as its inner dimension) stays a BLAS `mm`, which oneDNN beat on neither machine. Measured gain in a whole
+Deformable DETR training step: see the README.
 
 Same parameters, names and results as nn.Linear (checkpoints load unchanged; results equal up to float32 summation
 order). Everything else — other dtypes, autocast, CUDA, 1-D inputs, torch.compile, torch.func transforms, a torch
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +77,66 @@ def _mm_add(x: Tensor, weight: Tensor, acc: Tensor) -> Tensor:
     return _ONEDNN_ADD(x, acc, weight, None, "add")
 
 
+# product's backend per shape: "auto" (timed, below), "onednn" or "blas" (DETRCORE_LINEAR_BACKEND in the environment).
+BACKEND = os.environ.get("DETRCORE_LINEAR_BACKEND", "auto")
+if BACKEND not in ("auto", "onednn", "blas"):
+    raise ValueError(f"DETRCORE_LINEAR_BACKEND must be auto, onednn or blas, got {BACKEND!r}")
+# Timed calls per backend on a shape class before the choice, after one untimed call each (oneDNN builds its kernels
+# on a shape's first call). The fastest of them counts: interference from the host only ever adds time.
+TRIALS = 3
+_clock = time.perf_counter
+_choices: dict[tuple, "_Choice"] = {}
+
+
+class _Choice:
+    """A shape class's timings so far (per backend: 0 oneDNN, 1 BLAS) and, once each has TRIALS, the choice."""
+
+    __slots__ = ("times", "calls", "best")
+
+    def __init__(self):
+        self.times, self.calls, self.best = ([], []), 0, None
+
+    def record(self, backend: int, seconds: float) -> None:
+        self.calls += 1
+        if self.calls > 2:  # the first call of each backend is its warm-up
+            self.times[backend].append(seconds)
+        if min(len(t) for t in self.times) >= TRIALS:
+            self.best = 0 if min(self.times[0]) <= min(self.times[1]) else 1
+
+
+def _blas(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+_BACKENDS = (_mm, _blas)
+
+
+def product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N], by oneDNN or BLAS (weight may be a strided view).
+
+    Auto mode (the default): per shape class - M to the next power of two, K, N, bias or none, the weight's layout,
+    the thread count - the first calls alternate the two backends, timed, and from then on the one whose fastest
+    call was faster computes it (a training step meets each of its products 6-18 times, so the choice is made in
+    its first step or two). The two round differently (float32 summation order); with
+    torch.use_deterministic_algorithms(True) in effect, or DETRCORE_LINEAR_BACKEND=onednn, oneDNN always."""
+    if BACKEND == "blas":
+        return _blas(x, weight, bias)
+    if BACKEND == "onednn" or torch.are_deterministic_algorithms_enabled():
+        return _mm(x, weight, bias)
+    key = (x.shape[0].bit_length(), x.shape[1], weight.shape[0], bias is not None, weight.stride(),
+           torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _Choice()
+    if choice.best is not None:
+        return _BACKENDS[choice.best](x, weight, bias)
+    backend = choice.calls % 2
+    start = _clock()
+    out = _BACKENDS[backend](x, weight, bias)
+    choice.record(backend, _clock() - start)
+    return out
+
+
 def onednn_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether `linear` takes the oneDNN path for these arguments."""
     return (_ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32
@@ -92,7 +157,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    return _mm(x2.contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return product(x2.contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 # Split-K weight gradients (weight_grad): the regime measured to gain, timed inside the CPU training step (2 threads,
@@ -135,7 +200,7 @@ class _OneDnnLinearFn(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph=True: torch's differentiable product (double backward)
                 grad_x = g.mm(weight).view(x.shape)
             else:
-                grad_x = _mm(g, weight.t(), None).view(x.shape)  # [M, N] @ [N, K]
+                grad_x = product(g, weight.t(), None).view(x.shape)  # [M, N] @ [N, K]
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(g, x.reshape(-1, x.shape[-1]))  # [N, M] @ [M, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
