@@ -1,6 +1,7 @@
 """The `detrcore` command line: info and bench on tiny sizes (the real sizes run in benchmarks/)."""
 import functools
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -51,6 +52,10 @@ def test_bench_all_writes_records(tmp_path, tiny_benchmarks):
     assert result.exit_code == 0, result.output
     boxes = json.loads((tmp_path / "box_ops_cpu.json").read_text())
     assert boxes["benchmark"] == "box_ops" and boxes["machine"]["torch"]
+    if sys.platform.startswith("linux"):  # the CPU the figures come from, and the ISA its kernels ran on
+        cpu = boxes["machine"]
+        assert cpu["cpu_model"] and len(cpu["cpu_family_model"]) == 2 and isinstance(cpu["cpu_isa"], list)
+        assert set(cpu["cpu_isa"]) <= {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
     ops_seen = {r["op"] for r in boxes["results"]}
     assert {"generalized_box_iou fwd+bwd", "giou_loss (paired) fwd+bwd", "inverse_sigmoid fwd+bwd"} <= ops_seen
     assert all(r["ours_us"] > 0 and r["baseline_us"] > 0 for r in boxes["results"])

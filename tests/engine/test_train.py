@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from detrcore.engine.checkpoint import atomic_save, load_checkpoint
 from detrcore.engine.config import make_config
+from detrcore.engine import train as train_module
 from detrcore.engine.train import fit, lr_factor, param_groups
 from detrcore.models import ModelConfig, build_model
 from tests.engine.tiny_data import TINY_MODEL, write_tiny_dataset
@@ -144,9 +146,23 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
 
 
 def test_bf16_autocast_on_cpu(tiny, tmp_path):
-    summary = fit(config(tiny, tmp_path / "bf16", epochs=1, extra=["amp=\"bf16\"", "ema=true"]), log=lambda *a: None)
+    """Trains under bf16 autocast; on a CPU without bf16 arithmetic it says so (a RuntimeWarning naming amp='none')."""
+    cfg = config(tiny, tmp_path / "bf16", epochs=1, extra=["amp=\"bf16\"", "ema=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = fit(cfg, log=lambda *a: None)
     assert "AP50" in summary
     assert load_checkpoint(tmp_path / "bf16" / "last.pt")["ema"]["updates"] == 3
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "without bf16 arithmetic" in str(w.message)]
+    assert len(slow) == (0 if train_module.cpu_has_bf16() else 1)
+    assert not slow or "amp='none' trains faster here" in str(slow[0].message)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_cpu_bf16_probe(avx512_bf16, amx, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert train_module.cpu_has_bf16() == (avx512_bf16 or amx)
 
 
 def test_progress_bar_shows_rate_and_eta(capsys, monkeypatch):

@@ -97,9 +97,32 @@ def machine() -> dict:
         info["detrcore"] = ops.build_info()
     except ImportError:
         pass
+    info.update(_cpu())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+# ISA extensions the CPU kernels' speed turns on (oneDNN, MKL and our clones pick their code by them): recorded
+# because a "2-core AMD EPYC" has been a Zen 4 with AVX-512 + bf16 one day and a Zen 3 with AVX2 the next.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def _cpu() -> dict:
+    """The CPU's model name, family / model numbers and ISA flags from /proc/cpuinfo (Linux; {} elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_family_model": [fields.get("cpu family"), fields.get("model")],
+            "cpu_isa": [f for f in _ISA_FLAGS if f in flags]}
 
 
 def print_table(headers: list[str], rows: Iterable[list]) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,12 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", dist.local_rank())
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles, as torch's kernels use them)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -228,6 +235,10 @@ def fit(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn("amp='bf16' on a CPU without bf16 arithmetic (no AVX512-BF16 or AMX): its bf16 products are "
+                      "emulated, ~30x slower than float32 (a Deformable DETR step, Zen 3: 48 s vs 1.6 s); "
+                      "amp='none' trains faster here", RuntimeWarning, stacklevel=2)
     seed_everything(cfg.seed + dist.rank())
 
     # ---- data ----
