@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
+from detrcore.engine import train as train_module
 from detrcore.engine.checkpoint import atomic_save, load_checkpoint
 from detrcore.engine.config import make_config
-from detrcore.engine import train as train_module
 from detrcore.engine.train import fit, lr_factor, param_groups
 from detrcore.models import ModelConfig, build_model
 from tests.engine.tiny_data import TINY_MODEL, write_tiny_dataset
