@@ -54,7 +54,8 @@ from .onednn_linear import _mm, _mm_add
 
 # The regime measured to gain: few output positions (B * Ho * Wo) and a long unfolded row (Cin * kh * kw). ResNet-50
 # layer4's 3x3 convolutions (a 4608 row, 160 positions at the CPU benchmark's size) are 1 % slower on the training
-# step this way than as oneDNN convolutions (in one process, 15 rounds): they stay torch's.
+# step this way than as oneDNN convolutions (in one process, 15 rounds): they stay convolutions (in training the
+# stride-1 ones Winograd F(2x2), below).
 MAX_POSITIONS, MIN_ROW = 256, 8192
 # Winograd's regime, measured on forward + backward (2 threads): products of at least this many channels each way
 # and 2x2 output tiles, and transformed tensors ([16, channels, tiles]) of at most 2**19 * 16 elements (32 MB in
